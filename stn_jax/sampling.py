@@ -13,6 +13,9 @@ Both read an image (B, H, W, C) at the normalised (x, y) points of a grid (B, *S
 * Bilinear: x0 = floor(x), x1 = x0 + 1, weights from x - x0; at exact integer coordinates the
   grid gradient is the one-sided (floor) derivative, as in torch.
 * Nearest: rounds half to even; its grid gradient is zero.
+* A pixel coordinate within float rounding (2 * eps * (S + 1)) of an integer is snapped onto
+  it, so the identity grid reproduces the image exactly and integer translations are exact
+  shifts; torch differs there by its own rounding noise.
 
 Non-finite grid values (NaN, +-inf) sample nothing: the output there is 0 in every padding mode
 and both gradients are 0. Finite grid values are first clamped to [-1e6, 1e6] (normalised),
@@ -119,6 +122,21 @@ def _reflect(x, twice_low, twice_high, deriv):
     return x, deriv * jnp.where(odd, -sign, sign)
 
 
+def _snap_to_integers(x, size):
+    """Snaps coordinates within float rounding of an integer onto it.
+
+    A normalised grid point cannot represent a pixel centre exactly (e.g. 2/7 - 1 in float32),
+    so the identity grid would read x = j +- 1e-6 and blend in a neighbour. Snapping within
+    2 * eps * (size + 1), the size of that rounding error, makes identity warps and integer
+    translations exact and their grid gradient the one-sided (floor) derivative everywhere.
+    The value moves by less than the coordinate's own rounding error; the gradient passes
+    through unchanged (straight-through), so grad of grad is unaffected.
+    """
+    tol = 2 * jnp.finfo(x.dtype).eps * (size + 1)
+    nearest = jnp.round(x)
+    return jnp.where(jnp.abs(x - nearest) <= tol, x + jax.lax.stop_gradient(nearest - x), x)
+
+
 def _source_coord(g, size, padding_mode, align_corners):
     """Maps normalised g (finite, clamped) to a pixel coordinate; returns (coord, d coord / d g)."""
     if align_corners:
@@ -127,6 +145,7 @@ def _source_coord(g, size, padding_mode, align_corners):
     else:
         x = ((g + 1) * size - 1) / 2
         deriv = jnp.full_like(g, size / 2)
+    x = _snap_to_integers(x, size)
     if padding_mode == "zeros":
         # Beyond [-2, size + 1] every tap is outside and the gradient is 0 anyway; clamping keeps
         # the integer indices small.
