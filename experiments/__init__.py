@@ -1,0 +1,1 @@
+"""Entry points of the paper's experiments (run from the repository root with `python -m`)."""
