@@ -1,0 +1,172 @@
+"""The spatial transformer module: localisation net -> grid generator -> sampler (Sect. 3).
+
+`SpatialTransformer` wires any localisation network to a regression layer, one of the core grid
+generators (`stn_jax.affine_grid`, `attention_grid`, `projective_grid`, `tps_grid`) and one of the
+core samplers (`stn_jax.bilinear_sample`, `nearest_sample`). It only calls those pure functions;
+all the coordinate maths lives in the core.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# From the submodules, not the package, so that `stn_jax/__init__.py` may import this module.
+from stn_jax.grids import (
+    KINDS,
+    affine_grid,
+    attention_grid,
+    identity_params,
+    projective_grid,
+    tps_grid,
+)
+from stn_jax.sampling import PADDING_MODES, bilinear_sample, nearest_sample
+
+SAMPLERS = ("bilinear", "nearest")
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
+def _check_out_shape(out_shape: Sequence[int]) -> tuple[int, int]:
+    shape = tuple(out_shape)
+    if len(shape) != 2 or not all(isinstance(s, int) and s > 0 for s in shape):
+        raise ValueError(f"out_shape must be two positive ints (H', W'), got {out_shape!r}")
+    return shape
+
+
+class SpatialTransformer(nnx.Module):
+    """A spatial transformer: theta = regression(loc(x)); out = sample(x, grid(theta)).
+
+    The regression layer starts with zero weights and a bias equal to the identity parameters of
+    `kind`, so at initialisation theta is the identity for every input and, with
+    `out_shape == x.shape[1:3]`, the output equals the input. Sampling is done identically for
+    every channel, so the module works on images and on feature maps of any channel count.
+
+    Args:
+        localization: any NNX module mapping x (B, H, W, C) to features (B, loc_features).
+        loc_features: width of the localisation features.
+        kind: "affine" (theta (B, 2, 3)), "attention" (theta (B, 3) = (s, tx, ty)),
+            "projective" (theta (B, 8): the first 8 row-major entries of the 3x3 matrix) or
+            "tps" (theta (B, K, 2): where the K control points land in the input, normalised
+            (x, y)). Any other value raises ValueError.
+        out_shape: (H', W') of the output; may differ from the input's (e.g. downsampling by 2).
+        padding_mode: "zeros" | "border" | "reflection", passed to the sampler.
+        align_corners: coordinate convention of grid and sampler (torch `grid_sample` semantics).
+        sampler: "bilinear" | "nearest".
+        control_points: (K, 2) TPS control points in the output grid, normalised (x, y); only for
+            kind="tps" (default: the regular 4x4 grid of `stn_jax.default_control_points`).
+            They are fixed, not trained.
+        rngs: used for nothing here (the regression init is deterministic); kept for the NNX
+            convention that every module builds its submodules with `rngs`.
+
+    Example:
+        >>> loc = nnx.Sequential(lambda x: x.reshape(x.shape[0], -1),
+        ...                      nnx.Linear(28 * 28, 32, rngs=nnx.Rngs(0)), nnx.relu)
+        >>> st = SpatialTransformer(loc, loc_features=32, kind="affine", out_shape=(14, 14),
+        ...                         rngs=nnx.Rngs(0))
+        >>> out, theta = st(jnp.zeros((8, 28, 28, 1)))
+        >>> out.shape, theta.shape
+        ((8, 14, 14, 1), (8, 2, 3))
+    """
+
+    def __init__(
+        self,
+        localization,
+        *,
+        loc_features: int,
+        kind: str,
+        out_shape: Sequence[int],
+        padding_mode: str = "zeros",
+        align_corners: bool = False,
+        sampler: str = "bilinear",
+        control_points=None,
+        rngs: nnx.Rngs,
+    ):
+        _check_kind(kind)
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        if not isinstance(loc_features, int) or loc_features <= 0:
+            raise ValueError(f"loc_features must be a positive int, got {loc_features!r}")
+        if control_points is not None:
+            if kind != "tps":
+                raise ValueError(f"control_points is only used by kind='tps', got kind={kind!r}")
+            cp = jnp.asarray(control_points, jnp.float32)
+            if cp.ndim != 2 or cp.shape[1] != 2 or cp.shape[0] < 3:
+                raise ValueError(
+                    f"control_points must have shape (K, 2) with K >= 3, got {cp.shape}")
+            # A nested tuple is static and hashable, so it lives in the graphdef, not the state: the
+            # control points are fixed, never trained.
+            control_points = tuple(tuple(float(v) for v in row) for row in cp.tolist())
+
+        self.kind = kind
+        self.out_shape = _check_out_shape(out_shape)
+        self.padding_mode = padding_mode
+        self.align_corners = align_corners
+        self.sampler = sampler
+        self.control_points = control_points
+        self.localization = localization
+
+        identity = identity_params(kind, control_points=self._control_points_array())
+        self.param_shape = tuple(identity.shape)
+        n_params = int(identity.size)
+
+        def identity_bias(key, shape, dtype=jnp.float32):
+            del key
+            return jnp.reshape(identity, shape).astype(dtype)
+
+        # Zero weights + identity bias: theta starts at the identity whatever the features [P].
+        self.regression = nnx.Linear(
+            loc_features,
+            n_params,
+            kernel_init=nnx.initializers.zeros,
+            bias_init=identity_bias,
+            rngs=rngs,
+        )
+
+    def _control_points_array(self):
+        if self.control_points is None:
+            return None
+        return jnp.asarray(self.control_points, jnp.float32)
+
+    def theta(self, x: jax.Array) -> jax.Array:
+        """Regressed transformation parameters for x (B, H, W, C), in the kind's natural shape."""
+        features = self.localization(x)
+        expected = (x.shape[0], self.regression.in_features)
+        if features.shape != expected:
+            raise ValueError(
+                f"localization must return features of shape (B, loc_features) = {expected}, "
+                f"got {features.shape}")
+        params = self.regression(features)
+        return params.reshape((x.shape[0],) + self.param_shape)
+
+    def grid(self, theta: jax.Array) -> jax.Array:
+        """Sampling grid (B, H', W', 2) of normalised input (x, y) points for theta."""
+        kw = dict(align_corners=self.align_corners)
+        if self.kind == "affine":
+            return affine_grid(theta, self.out_shape, **kw)
+        if self.kind == "attention":
+            return attention_grid(theta, self.out_shape, **kw)
+        if self.kind == "projective":
+            return projective_grid(theta, self.out_shape, **kw)
+        return tps_grid(
+            theta, self.out_shape, control_points=self._control_points_array(), **kw)
+
+    def sample(self, x: jax.Array, grid: jax.Array) -> jax.Array:
+        """Samples x (B, H, W, C) at grid (B, H', W', 2) with this module's sampler options."""
+        fn = bilinear_sample if self.sampler == "bilinear" else nearest_sample
+        return fn(x, grid, padding_mode=self.padding_mode, align_corners=self.align_corners)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Transforms x (B, H, W, C); returns (out (B, H', W', C), theta)."""
+        if x.ndim != 4:
+            raise ValueError(f"x must have shape (B, H, W, C), got {x.shape}")
+        theta = self.theta(x)
+        return self.sample(x, self.grid(theta)), theta
