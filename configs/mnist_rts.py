@@ -66,14 +66,14 @@ def get_config(arg=None):
     data.num_train = 4000 if runlocal else -1  # Training digits to use; -1 = all.
     data.num_test = -1  # Test digits to use; -1 = all.
     data.canvas = 42  # Side of the square image in pixels [S].
-    data.rotation_deg = 45.0  # Rotation drawn from U[-rotation_deg, +rotation_deg] [S].
-    data.scale_min = 0.7  # Scale drawn from U[scale_min, scale_max] [S].
-    data.scale_max = 1.2  # Upper end of the scale range [S].
-    data.corner_std_px = 5.0  # P: std of the corner moves in pixels [?] (unused here).
-    data.control_std_px = 1.5  # E: std of the TPS control point moves, pixels [S] (unused here).
-    data.control_grid_size = 4  # E: control points per side of the TPS grid [S] (unused here).
-    data.clutter_count = 6  # TC: clutter crops per image [S] (unused here).
-    data.clutter_size = 6  # TC: side of a clutter crop in pixels [?] (unused here).
+    data.rotation_deg = 45.0  # R, RTS: angle drawn from U[-rotation_deg, rotation_deg] [S].
+    data.scale_min = 0.7  # R, RTS, P, E: scale drawn from U[scale_min, scale_max] [S].
+    data.scale_max = 1.2  # Upper end of that scale range [S].
+    data.corner_std_px = 5.0  # P: std of the corner moves in pixels [?].
+    data.control_std_px = 1.5  # E: std of the TPS control point moves in pixels [S].
+    data.control_grid_size = 4  # E: control points per side of the TPS lattice [S].
+    data.clutter_count = 6  # TC: clutter crops per image [S].
+    data.clutter_size = 6  # TC: side of a clutter crop in pixels [?].
 
     config.model = model = ml_collections.ConfigDict()
     model.name = args.get("model", "st_cnn")  # fcn | cnn | st_fcn | st_cnn.
