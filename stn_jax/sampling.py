@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from stn_jax import _fast_paths
+
 __all__ = ["PADDING_MODES", "bilinear_sample", "nearest_sample"]
 
 PADDING_MODES = ("zeros", "border", "reflection")
@@ -268,6 +270,9 @@ def _bilinear_bwd(padding_mode, align_corners, residuals, cotangent):
 
 
 _bilinear.defvjp(_bilinear_fwd, _bilinear_bwd)
+# Compiled once per shape and options, so eager calls do not dispatch dozens of small ops;
+# inside a caller's jit it is inlined.
+_bilinear_jit = jax.jit(_bilinear, static_argnums=(2, 3))
 
 
 def bilinear_sample(
@@ -276,6 +281,7 @@ def bilinear_sample(
     *,
     padding_mode: str = "zeros",
     align_corners: bool = False,
+    method: str = "auto",
 ) -> jax.Array:
     """Bilinear sampling of an image at a grid of normalised points, eq. (5) of the paper.
 
@@ -293,13 +299,21 @@ def bilinear_sample(
         "reflection".
       align_corners: if True, -1 and +1 are the centres of the corner pixels; if False (default),
         their outer edges.
+      method: how to compute it; every method gives the same values and gradients.
+        "auto" (default): the native C++ kernel on CPU for float32/float64 operands when it can
+        be built (first use compiles it, once per machine), else "gather". "gather": pure JAX,
+        one gather and one scatter-add. "native": force the C++ kernel (CPU only).
+        "separable": two matrix products for axis-aligned grids (attention, eq. 2), falling
+        back to "gather" at run time for other grids. See ``stn_jax._fast_paths``.
 
     Returns:
       (B, *S, C) array in the image's dtype. Non-finite grid points read 0 with zero gradients.
 
     Raises:
       TypeError: the image or grid is not a float array.
-      ValueError: wrong ranks or shapes, batch sizes that differ, an unknown padding mode.
+      ValueError: wrong ranks or shapes, batch sizes that differ, an unknown padding mode or
+        method.
+      RuntimeError: method="native" and the native kernel is unavailable.
 
     Example:
       >>> import jax.numpy as jnp, stn_jax
@@ -313,9 +327,12 @@ def bilinear_sample(
              [ 9.75, 10.25, 10.75, 11.25]], dtype=float32)
     """
     image, grid = _check_args(image, grid, padding_mode, align_corners, "bilinear_sample")
+    method = _fast_paths.resolve_method(method, image, grid)
+    if method != "gather":
+        return _fast_paths.bilinear_jit(image, grid, padding_mode, align_corners, method, _bilinear)
     b, c = image.shape[0], image.shape[-1]
     sample_shape = grid.shape[1:-1]
-    out = _bilinear(image, grid.reshape(b, -1, 2), padding_mode, align_corners)
+    out = _bilinear_jit(image, grid.reshape(b, -1, 2), padding_mode, align_corners)
     return out.reshape((b,) + sample_shape + (c,))
 
 
@@ -360,6 +377,7 @@ def _nearest_bwd(padding_mode, align_corners, residuals, cotangent):
 
 
 _nearest.defvjp(_nearest_fwd, _nearest_bwd)
+_nearest_jit = jax.jit(_nearest, static_argnums=(2, 3))
 
 
 def nearest_sample(
@@ -395,5 +413,5 @@ def nearest_sample(
     image, grid = _check_args(image, grid, padding_mode, align_corners, "nearest_sample")
     b, c = image.shape[0], image.shape[-1]
     sample_shape = grid.shape[1:-1]
-    out = _nearest(image, grid.reshape(b, -1, 2), padding_mode, align_corners)
+    out = _nearest_jit(image, grid.reshape(b, -1, 2), padding_mode, align_corners)
     return out.reshape((b,) + sample_shape + (c,))
