@@ -64,7 +64,9 @@ def test_rotate_by_90_is_rot90_counter_clockwise(digits):
     zero = jnp.zeros((B, 2))
     x = np.asarray(digits[..., 0])
     for angle, k in [(90.0, 1), (-90.0, -1), (180.0, 2), (0.0, 0)]:
-        out = D.affine_warp(digits, angle_deg=angle * one, scale=one, translation_px=zero, canvas=28)
+        out = D.affine_warp(
+            digits, angle_deg=angle * one, scale=one, translation_px=zero, canvas=28
+        )
         np.testing.assert_allclose(out[..., 0], np.rot90(x, k=k, axes=(1, 2)), atol=1e-5)
     # Hand-checked: a single pixel in the top-right corner goes to the top-left corner.
     dot = np.zeros((1, 28, 28, 1), np.float32)
@@ -123,7 +125,9 @@ def test_deterministic_for_a_key_different_for_another(name, canvas, digits, clu
         np.testing.assert_array_equal(params_a[k], params_b[k])
     assert float(jnp.abs(a - c).mean()) > 1e-3
     assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0 + 1e-6
-    assert np.all(np.asarray(a).sum(axis=(1, 2, 3)) > 10.0)  # every sample still has ink
+    ink = np.asarray(a).sum(axis=(1, 2, 3))
+    # Every sample keeps some ink (P squeezes a few digits hard: about 6% keep < 25%).
+    assert np.median(ink) > 20.0 and np.all(ink > 1.0)
 
 
 def test_distortion_fn_rejects_unknown_name():
@@ -241,8 +245,9 @@ def test_elastic_control_point_statistics(digits):
     assert scale.min() >= 0.75 and scale.max() <= 1.0
     assert abs(noise.std() - 1.5) < 0.15 and abs(noise.mean()) < 0.2  # 512 draws
     # A small warp: the image stays close to the scaled digit, but is not equal to it.
-    ref = D.affine_warp(digits, angle_deg=jnp.zeros(B), scale=scale, translation_px=jnp.zeros((B, 2)),
-                        canvas=28)
+    ref = D.affine_warp(
+        digits, angle_deg=jnp.zeros(B), scale=scale, translation_px=jnp.zeros((B, 2)), canvas=28
+    )
     diff = np.abs(np.asarray(images) - np.asarray(ref)).mean()
     assert 0.005 < diff < 0.1, diff
 
@@ -309,7 +314,8 @@ def test_cluttered_scaled_digit_and_argument_checks(digits, clutter_sources):
                                  scale_max=0.5, clutter_size=1, combine="max")
     # Half-size digit: ink mass / 4 (up to resampling), plus at most 6 single clutter pixels.
     mass = np.asarray(images).sum(axis=(1, 2, 3))
-    np.testing.assert_allclose(mass, np.asarray(digits).sum(axis=(1, 2, 3)) / 4, atol=6.5, rtol=0.05)
+    expected = np.asarray(digits).sum(axis=(1, 2, 3)) / 4
+    np.testing.assert_allclose(mass, expected, atol=6.5, rtol=0.05)
     assert np.asarray(params["digit_offset_px"]).max() <= 46
     with pytest.raises(ValueError, match=r"clutter_sources must have shape \(16, N, 28, 28, 1\)"):
         D.cluttered(jax.random.key(1), digits, clutter_sources[:, 0])

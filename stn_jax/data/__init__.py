@@ -12,3 +12,4 @@ from stn_jax.data.distortions import (
     rotate_translate_scale,
 )
 from stn_jax.data.mnist import MnistArrays, load_mnist
+from stn_jax.data.pipeline import DATA_FIELDS, DistortedMNIST, default_data_config
