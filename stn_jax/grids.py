@@ -93,9 +93,9 @@ def regular_grid(
 
     Example:
       >>> regular_grid((2, 3), align_corners=True)[0]
-      Array([[-1.,  -1.],
-             [ 0.,  -1.],
-             [ 1.,  -1.]], dtype=float32)
+      Array([[-1., -1.],
+             [ 0., -1.],
+             [ 1., -1.]], dtype=float32)
     """
     h, w = _check_out_shape(out_shape)
     xs = _linspace(w, align_corners, dtype)

@@ -1,0 +1,14 @@
+"""The examples in the core's docstrings run and print what they say."""
+
+import doctest
+
+import pytest
+
+from stn_jax import grids, sampling
+
+
+@pytest.mark.parametrize("module", [grids, sampling], ids=lambda m: m.__name__)
+def test_docstring_examples(module):
+    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0, "no examples found"
+    assert result.failed == 0
