@@ -12,11 +12,11 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 # From the submodules, not the package, so that `stn_jax/__init__.py` may import this module.
 from stn_jax.grids import (
-    KINDS,
     affine_grid,
     attention_grid,
     identity_params,
@@ -26,11 +26,6 @@ from stn_jax.grids import (
 from stn_jax.sampling import PADDING_MODES, bilinear_sample, nearest_sample
 
 SAMPLERS = ("bilinear", "nearest")
-
-
-def _check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
 
 def _check_out_shape(out_shape: Sequence[int]) -> tuple[int, int]:
@@ -62,8 +57,7 @@ class SpatialTransformer(nnx.Module):
         control_points: (K, 2) TPS control points in the output grid, normalised (x, y); only for
             kind="tps" (default: the regular 4x4 grid of `stn_jax.default_control_points`).
             They are fixed, not trained.
-        rngs: used for nothing here (the regression init is deterministic); kept for the NNX
-            convention that every module builds its submodules with `rngs`.
+        rngs: passed to the regression layer (whose initialisation is deterministic).
 
     Example:
         >>> loc = nnx.Sequential(lambda x: x.reshape(x.shape[0], -1),
@@ -88,35 +82,26 @@ class SpatialTransformer(nnx.Module):
         control_points=None,
         rngs: nnx.Rngs,
     ):
-        _check_kind(kind)
+        # identity_params checks kind and control_points (shape (K, 2), tps only).
+        identity = identity_params(kind, control_points=control_points)
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
         if not isinstance(loc_features, int) or loc_features <= 0:
             raise ValueError(f"loc_features must be a positive int, got {loc_features!r}")
-        if control_points is not None:
-            if kind != "tps":
-                raise ValueError(f"control_points is only used by kind='tps', got kind={kind!r}")
-            cp = jnp.asarray(control_points, jnp.float32)
-            if cp.ndim != 2 or cp.shape[1] != 2 or cp.shape[0] < 3:
-                raise ValueError(
-                    f"control_points must have shape (K, 2) with K >= 3, got {cp.shape}")
-            # A nested tuple is static and hashable, so it lives in the graphdef, not the state: the
-            # control points are fixed, never trained.
-            control_points = tuple(tuple(float(v) for v in row) for row in cp.tolist())
 
         self.kind = kind
         self.out_shape = _check_out_shape(out_shape)
         self.padding_mode = padding_mode
         self.align_corners = align_corners
         self.sampler = sampler
-        self.control_points = control_points
-        self.localization = localization
-
-        identity = identity_params(kind, control_points=self._control_points_array())
+        # A nested tuple is static and hashable, so it lives in the graphdef, not the state: the
+        # control points are fixed, never trained. (For tps the identity is the control points.)
+        self.control_points = None if control_points is None else tuple(
+            tuple(row) for row in np.asarray(control_points, np.float32).tolist())
         self.param_shape = tuple(identity.shape)
-        n_params = int(identity.size)
+        self.localization = localization
 
         def identity_bias(key, shape, dtype=jnp.float32):
             del key
@@ -125,7 +110,7 @@ class SpatialTransformer(nnx.Module):
         # Zero weights + identity bias: theta starts at the identity whatever the features [P].
         self.regression = nnx.Linear(
             loc_features,
-            n_params,
+            identity.size,
             kernel_init=nnx.initializers.zeros,
             bias_init=identity_bias,
             rngs=rngs,

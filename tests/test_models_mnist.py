@@ -45,7 +45,8 @@ def test_max_pool_is_ceil_mode():
     x = jnp.arange(9.0).reshape(1, 3, 3, 1)
     np.testing.assert_array_equal(mnist._max_pool2(x)[0, ..., 0], [[4.0, 5.0], [7.0, 8.0]])
     # Negative values: the padding must not win (it is -inf, not 0).
-    np.testing.assert_array_equal(mnist._max_pool2(-x - 1)[0, ..., 0], [[-1.0, -3.0], [-7.0, -9.0]])
+    np.testing.assert_array_equal(mnist._max_pool2(-x - 1)[0, ..., 0],
+                                  [[-1.0, -3.0], [-7.0, -9.0]])
 
 
 def test_parameter_counts_match_across_models():
@@ -171,7 +172,8 @@ def test_jit_of_split_merge_equals_eager():
 
 
 def test_bad_arguments_raise():
-    with pytest.raises(ValueError, match=r"name must be one of \('fcn', 'cnn', 'st_fcn', 'st_cnn'\)"):
+    choices = r"name must be one of \('fcn', 'cnn', 'st_fcn', 'st_cnn'\)"
+    with pytest.raises(ValueError, match=choices):
         mnist.create_model("resnet", input_shape=(28, 28), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="transform must be one of"):
         mnist.create_model("st_fcn", transform="rigid", input_shape=(28, 28), rngs=nnx.Rngs(0))

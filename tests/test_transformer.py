@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 import stn_jax
-from stn_jax.transformer import KINDS, SpatialTransformer
+from stn_jax import KINDS
+from stn_jax.transformer import SpatialTransformer
 
 B, H, W, C = 2, 12, 16, 3  # non-square, several channels: catches x/y swaps and channel mixups
 LOC_FEATURES = 8
@@ -178,7 +179,7 @@ def test_bad_arguments_raise():
         make_st("affine", padding_mode="wrap")
     with pytest.raises(ValueError, match="out_shape"):
         make_st("affine", out_shape=(4,))
-    with pytest.raises(ValueError, match="control_points is only used"):
+    with pytest.raises(ValueError, match="control_points applies to kind='tps' only"):
         make_st("affine", control_points=jnp.zeros((4, 2)))
     with pytest.raises(ValueError, match="control_points must have shape"):
         make_st("tps", control_points=jnp.zeros((4, 3)))

@@ -35,7 +35,8 @@ from flax import nnx
 
 import stn_jax
 from stn_jax.models import count_params  # noqa: F401  (re-exported: mnist.count_params)
-from stn_jax.transformer import KINDS, SpatialTransformer
+from stn_jax.grids import KINDS
+from stn_jax.transformer import SpatialTransformer
 
 MODEL_NAMES = ("fcn", "cnn", "st_fcn", "st_cnn")
 REFERENCE_WIDTH = 128  # [?] FCN hidden width that sets the parameter budget of each input shape.
@@ -358,7 +359,7 @@ def create_model(
     Example:
         >>> model = create_model("st_cnn", transform="tps", input_shape=(42, 42),
         ...                      st_downsample=2, rngs=nnx.Rngs(0))
-        >>> model(jnp.zeros((4, 42, 42, 1))).shape
+        >>> model(jax.numpy.zeros((4, 42, 42, 1))).shape
         (4, 10)
     """
     _check_name_and_transform(name, transform)
