@@ -53,7 +53,8 @@ def test_parameter_counts_match_across_models():
     """Prints the table (pytest -s); every model is within 2% of its input shape's budget."""
     fcn_28 = 784 * 128 + 128 + 128 * 128 + 128 + 128 * 10 + 10
     assert mnist.target_param_count((28, 28)) == fcn_28 == 118_282
-    print(f"\n{'input':>8} {'model':>8} {'transform':>10} {'width':>6} {'params':>8} {'vs target':>9}")
+    header = ("input", "model", "transform", "width", "params", "vs target")
+    print("\n{:>8} {:>8} {:>10} {:>6} {:>8} {:>9}".format(*header))
     for shape, ds in SETUPS:
         target = mnist.target_param_count(shape)
         counts = []
