@@ -183,7 +183,9 @@ def test_make_bundled_script_reproduces_the_file():
 # ----------------------------------------------------------------------------- tfds / auto
 
 
-def test_auto_falls_back_to_bundled_quickly_and_loudly(tmp_path, caplog):
+def test_auto_falls_back_to_bundled_quickly_and_loudly(tmp_path, caplog, monkeypatch):
+    # Offline even where TensorFlow and internet exist: the download host is unroutable.
+    monkeypatch.setattr(mnist, "_TFDS_HOST", ("192.0.2.1", 443))
     start = time.monotonic()
     with caplog.at_level(py_logging.WARNING):
         data = mnist.load_mnist(source="auto", tfds_dir=str(tmp_path / "tfds"))
