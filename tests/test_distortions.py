@@ -234,6 +234,11 @@ def test_elastic_without_noise_is_the_pure_scale(digits):
                         translation_px=jnp.zeros((B, 2)), canvas=28)
     np.testing.assert_allclose(half, ref, atol=1e-4)
     np.testing.assert_allclose(params["control_points_px"][0, 0], [-0.6 * 14, -0.6 * 14], atol=1e-5)
+    # On a larger canvas too (the lattice is converted to canvas-normalised coordinates).
+    big, _ = D.elastic(jax.random.key(0), digits, canvas=40, scale_min=1.2, scale_max=1.2, **kw)
+    ref = D.affine_warp(digits, angle_deg=jnp.zeros(B), scale=1.2 * jnp.ones(B),
+                        translation_px=jnp.zeros((B, 2)), canvas=40)
+    np.testing.assert_allclose(big, ref, atol=1e-4)
 
 
 def test_elastic_control_point_statistics(digits):
