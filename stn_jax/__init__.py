@@ -6,7 +6,8 @@ conventions):
     grid = stn_jax.affine_grid(theta, (H_out, W_out))        # theta (B, 2, 3)
     out = stn_jax.bilinear_sample(image, grid)                # image (B, H, W, C)
 
-See ``stn_jax.grids`` and ``stn_jax.sampling``.
+See ``stn_jax.grids`` and ``stn_jax.sampling``; ``stn_jax.SpatialTransformer`` (flax.nnx) composes
+them with a localisation network.
 """
 
 from stn_jax.grids import (
@@ -26,9 +27,20 @@ from stn_jax.sampling import PADDING_MODES, bilinear_sample, nearest_sample
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # The module needs flax; importing it lazily keeps `import stn_jax` (the core) jax-only.
+    if name == "SpatialTransformer":
+        from stn_jax.transformer import SpatialTransformer
+
+        return SpatialTransformer
+    raise AttributeError(f"module 'stn_jax' has no attribute {name!r}")
+
+
 __all__ = [
     "KINDS",
     "PADDING_MODES",
+    "SpatialTransformer",
     "affine_basis",
     "affine_grid",
     "attention_grid",

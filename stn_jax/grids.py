@@ -68,14 +68,21 @@ def _float_array(x: ArrayLike, name: str) -> jax.Array:
     return x
 
 
-def _linspace(size: int, align_corners: bool, dtype) -> jax.Array:
+def _linspace(size: int, align_corners: bool, dtype, xp=jnp):
     """Normalised pixel-centre positions along one axis (torch's affine_grid base axis)."""
     if size == 1:
-        return jnp.zeros((1,), dtype)
-    axis = jnp.linspace(-1.0, 1.0, size, dtype=dtype)
+        return xp.zeros((1,), dtype)
+    axis = xp.linspace(-1.0, 1.0, size, dtype=dtype)
     if not align_corners:
         axis = axis * ((size - 1) / size)
     return axis
+
+
+def _regular_grid(out_shape, align_corners, dtype, xp=jnp):
+    h, w = _check_out_shape(out_shape)
+    xs = _linspace(w, align_corners, dtype, xp)
+    ys = _linspace(h, align_corners, dtype, xp)
+    return xp.stack(xp.broadcast_arrays(xs[None, :], ys[:, None]), axis=-1)
 
 
 def regular_grid(
@@ -97,10 +104,7 @@ def regular_grid(
              [ 0., -1.],
              [ 1., -1.]], dtype=float32)
     """
-    h, w = _check_out_shape(out_shape)
-    xs = _linspace(w, align_corners, dtype)
-    ys = _linspace(h, align_corners, dtype)
-    return jnp.stack(jnp.broadcast_arrays(xs[None, :], ys[:, None]), axis=-1)
+    return _regular_grid(out_shape, align_corners, dtype)
 
 
 def affine_basis(
@@ -246,16 +250,39 @@ def default_control_points(grid_size: int = 4, *, dtype=jnp.float32) -> jax.Arra
     return jnp.stack([xs.ravel(), ys.ravel()], axis=-1)
 
 
-def _tps_kernel(d2: jax.Array) -> jax.Array:
+def _tps_kernel(d2, xp=jnp):
     """U(r) = r^2 log r^2 from the squared distance, with U(0) = 0 and a finite gradient at 0."""
     positive = d2 > 0
-    return jnp.where(positive, d2 * jnp.log(jnp.where(positive, d2, 1.0)), 0.0)
+    return xp.where(positive, d2 * xp.log(xp.where(positive, d2, 1.0)), 0.0)
 
 
-def _pairwise_kernel(points: jax.Array, centres: jax.Array) -> jax.Array:
+def _pairwise_kernel(points, centres, xp=jnp):
     # Squared distance without a sqrt, so the gradient at r = 0 is finite.
     diff = points[..., None, :] - centres
-    return _tps_kernel(jnp.sum(diff * diff, axis=-1))
+    return _tps_kernel(xp.sum(diff * diff, axis=-1), xp)
+
+
+def _tps_basis_math(out_shape, cps, align_corners, xp):
+    """The basis of :func:`tps_basis` in numpy (float64, concrete points) or jnp (traceable)."""
+    k = cps.shape[0]
+    p = xp.concatenate([xp.ones((k, 1), cps.dtype), cps], axis=1)  # (K, 3)
+    system = xp.concatenate(
+        [
+            xp.concatenate([_pairwise_kernel(cps, cps, xp), p], axis=1),
+            xp.concatenate([p.T, xp.zeros((3, 3), cps.dtype)], axis=1),
+        ],
+        axis=0,
+    )
+    # L^-1 restricted to the K value columns; jnp.linalg.solve is differentiable in cps.
+    rhs = xp.concatenate([xp.eye(k, dtype=cps.dtype), xp.zeros((3, k), cps.dtype)], axis=0)
+    coeffs = xp.linalg.solve(system, rhs)  # (K + 3, K)
+    q = _regular_grid(out_shape, align_corners, cps.dtype, xp)
+    features = xp.concatenate(
+        [_pairwise_kernel(q, cps, xp), xp.ones(q.shape[:-1] + (1,), cps.dtype), q], axis=-1
+    )
+    if xp is np:
+        return features @ coeffs
+    return jnp.einsum("hwd,dk->hwk", features, coeffs, precision=_HIGHEST)
 
 
 def _check_control_points(control_points, dtype) -> jax.Array:
@@ -293,20 +320,19 @@ def tps_basis(
     Returns:
       (H', W', K) basis.
     """
-    dtype = jnp.asarray(control_points).dtype if control_points is not None else jnp.float32
-    cps = _check_control_points(control_points, dtype)
-    k = cps.shape[0]
-    ones = jnp.ones((k, 1), cps.dtype)
-    p = jnp.concatenate([ones, cps], axis=1)  # (K, 3)
-    system = jnp.block([[_pairwise_kernel(cps, cps), p], [p.T, jnp.zeros((3, 3), cps.dtype)]])
-    # Solve for L^-1 restricted to the K value columns; solve() is differentiable in cps.
-    rhs = jnp.concatenate([jnp.eye(k, dtype=cps.dtype), jnp.zeros((3, k), cps.dtype)], axis=0)
-    coeffs = jnp.linalg.solve(system, rhs)  # (K + 3, K)
-    q = regular_grid(out_shape, align_corners=align_corners, dtype=cps.dtype)
-    features = jnp.concatenate(
-        [_pairwise_kernel(q, cps), jnp.ones(q.shape[:-1] + (1,), cps.dtype), q], axis=-1
-    )
-    return jnp.einsum("hwd,dk->hwk", features, coeffs, precision=_HIGHEST)
+    if control_points is None:
+        # The default 4 x 4 lattice of default_control_points, exactly in float64.
+        cps = np.stack(np.meshgrid(np.linspace(-1, 1, 4), np.linspace(-1, 1, 4)), -1).reshape(-1, 2)
+        dtype = jnp.float32
+    else:
+        dtype = jnp.asarray(control_points).dtype
+        cps = _check_control_points(control_points, dtype)
+    if not isinstance(cps, jax.core.Tracer):
+        # Concrete points (the usual case, also inside jit): solve once in float64, so that
+        # params == control_points is the identity to float32 rounding.
+        basis = _tps_basis_math(out_shape, np.asarray(cps, np.float64), align_corners, np)
+        return jnp.asarray(basis, dtype)
+    return _tps_basis_math(out_shape, cps, align_corners, jnp)
 
 
 def tps_grid(
@@ -337,15 +363,13 @@ def tps_grid(
     params = _float_array(params, "params")
     if params.ndim != 3 or params.shape[2] != 2:
         raise ValueError(f"params must have shape (B, K, 2), got {params.shape}")
-    if control_points is None:
-        control_points = default_control_points(4, dtype=params.dtype)
-    cps = _check_control_points(control_points, params.dtype)
-    if cps.shape[0] != params.shape[1]:
+    k = 16 if control_points is None else _check_control_points(control_points, params.dtype).shape[0]
+    if k != params.shape[1]:
         raise ValueError(
-            f"params has {params.shape[1]} points but control_points has {cps.shape[0]}: "
-            f"params must have shape (B, {cps.shape[0]}, 2)"
+            f"params has {params.shape[1]} points but control_points has {k}: "
+            f"params must have shape (B, {k}, 2)"
         )
-    basis = tps_basis(out_shape, control_points=cps, align_corners=align_corners)
+    basis = tps_basis(out_shape, control_points=control_points, align_corners=align_corners)
     return linear_grid(jnp.swapaxes(params, 1, 2), basis.astype(params.dtype))
 
 
