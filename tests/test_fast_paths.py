@@ -1,0 +1,252 @@
+"""Tests of the fast paths of bilinear_sample (stn_jax/_fast_paths.py, stn_jax/_native/) against
+the pure-JAX reference (method="gather"): values and both gradients in every padding mode, with
+both align_corners, non-finite points, float64, vmap, grad of grad and the automatic choice."""
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import stn_jax
+from stn_jax import _fast_paths, _native
+
+MODES = ("zeros", "border", "reflection")
+CASES = list(itertools.product(MODES, (False, True)))
+
+needs_native = pytest.mark.skipif(
+    not _native.available(), reason=f"native kernels unavailable: {_native.error()}"
+)
+
+
+@functools.partial(jax.jit, static_argnames=("method", "padding_mode", "align_corners"))
+def _sample_and_grads(image, grid, cotangent, *, method, padding_mode="zeros", align_corners=False):
+    def f(i, g):
+        return stn_jax.bilinear_sample(i, g, method=method, padding_mode=padding_mode,
+                                       align_corners=align_corners)
+
+    out, vjp = jax.vjp(f, image, grid)
+    return (out,) + vjp(cotangent)
+
+
+def _assert_same_as_gather(method, image, grid, rtol=2e-5, atol=2e-5, **kwargs):
+    cot = jax.random.normal(jax.random.key(9), grid.shape[:-1] + image.shape[-1:], image.dtype)
+    expected = _sample_and_grads(image, grid, cot, method="gather", **kwargs)
+    got = _sample_and_grads(image, grid, cot, method=method, **kwargs)
+    for name, e, g in zip(("output", "d_image", "d_grid"), expected, got):
+        assert g.shape == e.shape and g.dtype == e.dtype, name
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=rtol, atol=atol, err_msg=name)
+    return got
+
+
+def _random_affine_grid(key, batch, out_shape, dtype=jnp.float32):
+    """Rotations, shears, zooms and shifts large enough to read outside the image."""
+    noise = jax.random.uniform(key, (batch, 2, 3), dtype, -0.7, 0.7)
+    return stn_jax.affine_grid(jnp.eye(2, 3, dtype=dtype) + noise, out_shape)
+
+
+def _attention_grid(key, batch, out_shape, dtype=jnp.float32):
+    k1, k2 = jax.random.split(key)
+    scale = jax.random.uniform(k1, (batch, 1), dtype, 0.3, 1.6)
+    shift = jax.random.uniform(k2, (batch, 2), dtype, -0.8, 0.8)
+    return stn_jax.attention_grid(jnp.concatenate([scale, shift], 1), out_shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Native kernel
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_native
+@pytest.mark.parametrize("padding_mode,align_corners", CASES)
+def test_native_matches_gather(padding_mode, align_corners):
+    # One channel (the kernel's scalar loop) with align_corners=False, three with True.
+    channels = 3 if align_corners else 1
+    image = jax.random.normal(jax.random.key(0), (5, 7, 9, channels))
+    grid = _random_affine_grid(jax.random.key(1), 5, (6, 8))
+    _assert_same_as_gather("native", image, grid, padding_mode=padding_mode,
+                           align_corners=align_corners)
+
+
+@needs_native
+def test_native_many_images_split_over_threads():
+    # Enough points that the forward and the backward are split into several chunks.
+    image = jax.random.normal(jax.random.key(0), (67, 12, 10, 2))
+    grid = _random_affine_grid(jax.random.key(1), 67, (11, 13))
+    _assert_same_as_gather("native", image, grid)
+
+
+@needs_native
+@pytest.mark.parametrize("padding_mode", MODES)
+def test_native_non_finite_and_huge_points(padding_mode):
+    image = jax.random.normal(jax.random.key(0), (2, 5, 6, 3))
+    grid = jax.random.uniform(jax.random.key(1), (2, 4, 4, 2), minval=-1.5, maxval=1.5)
+    bad = jnp.array([jnp.nan, jnp.inf, -jnp.inf, 3e30, -3e30, 1e7])
+    grid = grid.at[0, 0, :, 0].set(bad[:4]).at[1, 1, :, 1].set(bad[2:]).at[1, 3, 0].set(jnp.nan)
+    out, d_image, d_grid = _assert_same_as_gather("native", image, grid, padding_mode=padding_mode)
+    assert np.all(np.isfinite(out)) and np.all(np.isfinite(d_image)) and np.all(np.isfinite(d_grid))
+    # NaN / inf points read 0 with zero grid gradient in every mode.
+    np.testing.assert_array_equal(out[0, 0, :3], 0.0)
+    np.testing.assert_array_equal(d_grid[0, 0, :3], 0.0)
+
+
+@needs_native
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_native_identity_and_integer_shift_are_exact(align_corners):
+    image = jax.random.normal(jax.random.key(0), (2, 6, 7, 3))
+    theta = stn_jax.identity_params("affine", batch_size=2)
+    grid = stn_jax.affine_grid(theta, (6, 7), align_corners=align_corners)
+    out = stn_jax.bilinear_sample(image, grid, align_corners=align_corners, method="native")
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(image))
+    # A shift by exactly one pixel to the right reads the left neighbour.
+    step = 2 / 7 if not align_corners else 2 / 6
+    shifted = stn_jax.bilinear_sample(image, grid - jnp.array([step, 0.0]),
+                                      align_corners=align_corners, method="native")
+    np.testing.assert_allclose(shifted[:, :, 1:], image[:, :, :-1], atol=1e-6)
+    np.testing.assert_array_equal(shifted[:, :, 0], 0.0)
+
+
+@needs_native
+def test_native_hand_computed_value_and_grid_gradient():
+    # One point at pixel coordinate (x, y) = (0.25, 0.5) of a 2x2 image, align_corners=True.
+    image = jnp.array([[1.0, 2.0], [3.0, 7.0]]).reshape(1, 2, 2, 1)
+    grid = jnp.array([[[[-0.5, 0.0]]]])
+    value = (0.75 * 0.5 * 1 + 0.25 * 0.5 * 2 + 0.75 * 0.5 * 3 + 0.25 * 0.5 * 7)
+
+    def f(g):
+        return jnp.sum(stn_jax.bilinear_sample(image, g, align_corners=True, method="native"))
+
+    np.testing.assert_allclose(f(grid), value, rtol=1e-6)
+    # dV/dx = (1 - wy)(v01 - v00) + wy (v11 - v10) = 0.5 * 1 + 0.5 * 4; dx/dgx = 0.5.
+    # dV/dy = (1 - wx)(v10 - v00) + wx (v11 - v01) = 0.75 * 2 + 0.25 * 5; dy/dgy = 0.5.
+    np.testing.assert_allclose(jax.grad(f)(grid)[0, 0, 0], [2.5 * 0.5, 2.75 * 0.5], rtol=1e-6)
+
+
+@needs_native
+def test_native_float64_matches_gather_to_1e_12():
+    with jax.enable_x64(True):
+        image = jax.random.normal(jax.random.key(0), (3, 6, 5, 2), jnp.float64)
+        grid = _random_affine_grid(jax.random.key(1), 3, (4, 7), jnp.float64)
+        out, _, _ = _assert_same_as_gather("native", image, grid, rtol=1e-12, atol=1e-12,
+                                           padding_mode="reflection")
+        assert out.dtype == jnp.float64
+
+
+@needs_native
+def test_native_grad_of_grad_and_hessian_match_gather():
+    image = jax.random.normal(jax.random.key(0), (2, 5, 6, 2))
+    grid = _random_affine_grid(jax.random.key(1), 2, (3, 3))
+
+    def loss(method):
+        def f(i, g):
+            out = stn_jax.bilinear_sample(i, g, method=method, padding_mode="border")
+            return jnp.sum(jnp.sin(out))
+        return f
+
+    def second_derivatives(method):
+        # Reverse over reverse (grid-grid and grid-image blocks) and forward over reverse.
+        grad_grid = jax.grad(loss(method), argnums=1)
+        return (jax.jacrev(grad_grid, argnums=(0, 1))(image, grid),
+                jax.hessian(loss(method), argnums=1)(image, grid))
+
+    expected = jax.jit(second_derivatives, static_argnums=0)("gather")
+    got = jax.jit(second_derivatives, static_argnums=0)("native")
+    for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+        assert np.abs(e).max() > 0.1  # the comparison is not vacuous
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_native_vmap_and_extra_sample_dims_match_gather():
+    images = jax.random.normal(jax.random.key(0), (3, 2, 5, 6, 2))
+    grids = _random_affine_grid(jax.random.key(1), 6, (4, 3)).reshape(3, 2, 4, 3, 2)
+
+    def f(method):
+        return jax.vmap(lambda i, g: stn_jax.bilinear_sample(i, g, method=method))
+
+    np.testing.assert_allclose(f("native")(images, grids), f("gather")(images, grids), atol=1e-6)
+    # One image, several warps: grid (B, T, H', W', 2).
+    grid = grids.reshape(2, 3, 4, 3, 2)
+    np.testing.assert_allclose(
+        stn_jax.bilinear_sample(images[0], grid, method="native"),
+        stn_jax.bilinear_sample(images[0], grid, method="gather"),
+        atol=1e-6,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Separable path
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("padding_mode,align_corners", CASES)
+def test_separable_matches_gather_on_attention_grids(padding_mode, align_corners):
+    image = jax.random.normal(jax.random.key(0), (4, 9, 7, 2))
+    grid = _attention_grid(jax.random.key(1), 4, (5, 6))
+    assert bool(_fast_paths._is_separable(grid))
+    _assert_same_as_gather("separable", image, grid, padding_mode=padding_mode,
+                           align_corners=align_corners)
+
+
+def test_separable_axis_aligned_affine_and_bf16():
+    theta = jnp.array([[[0.6, 0.0, 0.3], [0.0, 1.4, -0.2]], [[-1.0, 0.0, 0.0], [0.0, 0.5, 0.5]]])
+    grid = stn_jax.affine_grid(theta, (6, 5))
+    assert bool(_fast_paths._is_separable(grid))
+    image = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    _assert_same_as_gather("separable", image, grid)
+    out = stn_jax.bilinear_sample(image.astype(jnp.bfloat16), grid, method="separable")
+    ref = stn_jax.bilinear_sample(image.astype(jnp.bfloat16), grid, method="gather")
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(out.astype(jnp.float32), ref.astype(jnp.float32), atol=2e-2)
+
+
+def test_separable_falls_back_to_gather_for_other_grids():
+    image = jax.random.normal(jax.random.key(0), (3, 6, 6, 1))
+    grid = _random_affine_grid(jax.random.key(1), 3, (5, 5))
+    assert not bool(_fast_paths._is_separable(grid))
+    _assert_same_as_gather("separable", image, grid, rtol=0, atol=0)
+    # A NaN breaks the equality test, so non-finite points also take the reference path.
+    grid = _attention_grid(jax.random.key(2), 3, (5, 5)).at[0, 2, 2, 0].set(jnp.nan)
+    assert not bool(_fast_paths._is_separable(grid))
+    _assert_same_as_gather("separable", image, grid, rtol=0, atol=0)
+
+
+def test_separable_needs_a_2d_sample_grid():
+    with pytest.raises(ValueError, match="separable"):
+        stn_jax.bilinear_sample(jnp.zeros((1, 4, 4, 1)), jnp.zeros((1, 5, 2)), method="separable")
+
+
+# ---------------------------------------------------------------------------------------------
+# Choice of the path
+# ---------------------------------------------------------------------------------------------
+
+
+def test_unknown_method_raises():
+    with pytest.raises(ValueError, match="method"):
+        stn_jax.bilinear_sample(jnp.zeros((1, 4, 4, 1)), jnp.zeros((1, 2, 2, 2)), method="fast")
+
+
+def test_auto_choice(monkeypatch):
+    f32 = jnp.zeros((1, 4, 4, 1)), jnp.zeros((1, 2, 2, 2))
+    bf16 = jnp.zeros((1, 4, 4, 1), jnp.bfloat16), jnp.zeros((1, 2, 2, 2))
+    expected = "auto-native" if _native.available() else "gather"
+    assert _fast_paths.resolve_method("auto", *f32) == expected
+    assert _fast_paths.resolve_method("auto", *bf16) == "gather"
+    with pytest.raises(ValueError, match="float32 or float64"):
+        _fast_paths.resolve_method("native", *bf16)
+    # Without the native kernels, auto is the reference and forcing native says why.
+    monkeypatch.setattr(_native, "available", lambda: False)
+    monkeypatch.setattr(_native, "error", lambda: "no compiler")
+    assert _fast_paths.resolve_method("auto", *f32) == "gather"
+    with pytest.raises(RuntimeError, match="no compiler"):
+        stn_jax.bilinear_sample(*f32, method="native")
+
+
+def test_native_build_failure_is_reported(monkeypatch, tmp_path):
+    monkeypatch.setenv("STN_JAX_NATIVE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    with pytest.raises(RuntimeError, match="failed"):
+        _native.build()
+    assert list(tmp_path.iterdir()) == []  # no half-written library is left behind
