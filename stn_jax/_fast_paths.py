@@ -88,27 +88,31 @@ def bilinear(image, grid, padding_mode: str, align_corners: bool, method: str, r
     (B, N, 2) grid, the fallback.
     """
     b, c = image.shape[0], image.shape[-1]
-    flat_grid = grid.reshape(b, -1, 2)
+    out_shape = grid.shape[:-1] + (c,)
+
+    def gather(i, g):
+        return reference(i, g.reshape(b, -1, 2), padding_mode, align_corners).reshape(out_shape)
+
+    # The native kernel takes the grid as it is: a reshape around an FFI call can cost XLA a
+    # layout-changing copy of the output as long as the sampling itself.
     if method == "native":
-        out = _native_bilinear(image, flat_grid, padding_mode, align_corners)
-    elif method == "auto-native":
-        out = jax.lax.platform_dependent(
+        return _native_bilinear(image, grid, padding_mode, align_corners)
+    if method == "auto-native":
+        return jax.lax.platform_dependent(
             image,
-            flat_grid,
+            grid,
             cpu=lambda i, g: _native_bilinear(i, g, padding_mode, align_corners),
-            default=lambda i, g: reference(i, g, padding_mode, align_corners),
+            default=gather,
         )
-    elif method == "separable":
-        out = jax.lax.cond(
+    if method == "separable":
+        return jax.lax.cond(
             _is_separable(grid),
-            lambda i, g: _separable(i, g, padding_mode, align_corners).reshape(b, -1, c),
-            lambda i, g: reference(i, g.reshape(b, -1, 2), padding_mode, align_corners),
+            lambda i, g: _separable(i, g, padding_mode, align_corners),
+            gather,
             image,
             grid,
         )
-    else:
-        raise ValueError(f"unresolved method {method!r}")
-    return out.reshape(grid.shape[:-1] + (c,))
+    raise ValueError(f"unresolved method {method!r}")
 
 
 # Compiled once per shape and options, so eager calls do not dispatch dozens of small ops;
@@ -122,10 +126,10 @@ bilinear_jit = jax.jit(bilinear, static_argnums=(2, 3, 4, 5))
 
 
 def _ffi_forward(image, grid, padding_mode, align_corners):
-    b, n, c = image.shape[0], grid.shape[1], image.shape[-1]
+    """image (B, H, W, C), grid (B, *S, 2) -> (B, *S, C)."""
     call = jax.ffi.ffi_call(
         _native.FORWARD_TARGET,
-        jax.ShapeDtypeStruct((b, n, c), image.dtype),
+        jax.ShapeDtypeStruct(grid.shape[:-1] + image.shape[-1:], image.dtype),
         # The kernel treats every leading dimension as batch, so vmap only adds one.
         vmap_method="broadcast_all",
     )
@@ -152,12 +156,31 @@ def _native_forward(image, grid, padding_mode, align_corners):
     return _ffi_forward(image, grid, padding_mode, align_corners)
 
 
-@_native_forward.defjvp
-def _native_forward_jvp(padding_mode, align_corners, primals, tangents):
+def _reference_forward(image, grid, padding_mode, align_corners):
+    """The gather path's forward on a (B, *S, 2) grid."""
     from stn_jax import sampling
 
+    b, c = image.shape[0], image.shape[-1]
+    out = sampling._bilinear_forward(image, grid.reshape(b, -1, 2), padding_mode, align_corners)
+    return out.reshape(grid.shape[:-1] + (c,))
+
+
+def _reference_backward(image, grid, cotangent, padding_mode, align_corners):
+    """The gather path's hand-written VJP on a (B, *S, 2) grid."""
+    from stn_jax import sampling
+
+    b, c = image.shape[0], image.shape[-1]
+    residuals = (image, grid.reshape(b, -1, 2))
+    d_image, d_grid = sampling._bilinear_bwd(
+        padding_mode, align_corners, residuals, cotangent.reshape(b, -1, c)
+    )
+    return d_image, d_grid.reshape(grid.shape)
+
+
+@_native_forward.defjvp
+def _native_forward_jvp(padding_mode, align_corners, primals, tangents):
     _, tangent_out = jax.jvp(
-        lambda i, g: sampling._bilinear_forward(i, g, padding_mode, align_corners), primals, tangents
+        lambda i, g: _reference_forward(i, g, padding_mode, align_corners), primals, tangents
     )
     return _native_forward(*primals, padding_mode, align_corners), tangent_out
 
@@ -169,12 +192,11 @@ def _native_backward(image, grid, cotangent, padding_mode, align_corners):
 
 @_native_backward.defjvp
 def _native_backward_jvp(padding_mode, align_corners, primals, tangents):
-    from stn_jax import sampling
-
-    def reference(i, g, ct):
-        return sampling._bilinear_bwd(padding_mode, align_corners, (i, g), ct)
-
-    _, tangent_out = jax.jvp(reference, primals, tangents)
+    _, tangent_out = jax.jvp(
+        lambda i, g, ct: _reference_backward(i, g, ct, padding_mode, align_corners),
+        primals,
+        tangents,
+    )
     return _native_backward(*primals, padding_mode, align_corners), tangent_out
 
 

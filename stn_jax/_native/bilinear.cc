@@ -6,8 +6,9 @@
 // padding modes, the same treatment of non-finite and huge grid values and the same one-sided
 // (floor) derivative at integer coordinates. The reference is what the tests compare against.
 //
-// Layout: image (..., H, W, C), grid (..., N, 2), output (..., N, C); the leading dimensions
-// (the batch, and any vmapped axes) have the same product in every operand.
+// Layout: image (*L, H, W, C), grid (*L, *S, 2), output (*L, *S, C), row-major; *L (the batch,
+// and any vmapped axes) is the same in every operand, the N = prod(*S) points of each image are
+// contiguous.
 //
 // Work is split over the XLA intra-op thread pool: the forward over chunks of output points,
 // the backward over chunks of whole images (each image's gradient is owned by one task, so the
@@ -21,6 +22,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <type_traits>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -32,32 +34,33 @@ enum Padding : int32_t { kZeros = 0, kBorder = 1, kReflection = 2 };
 
 constexpr double kMaxAbsGrid = 1e6;  // must equal sampling._MAX_ABS_GRID
 
+// A pixel coordinate and its derivative with respect to the normalised grid value. The helpers
+// take and return values (no references), which keeps the point loop vectorisable.
+template <typename T>
+struct Coord {
+  T x, d;
+};
+
 // Where-based clamp with a zero derivative at and beyond the limits.
 template <typename T>
-inline void Clamp(T& x, T& deriv, T lo, T hi) {
-  const bool inside = (x > lo) & (x < hi);
-  x = x <= lo ? lo : (x >= hi ? hi : x);
-  deriv = inside ? deriv : T(0);
+inline Coord<T> Clamp(Coord<T> c, T lo, T hi) {
+  const bool inside = (c.x > lo) & (c.x < hi);
+  return {c.x <= lo ? lo : (c.x >= hi ? hi : c.x), inside ? c.d : T(0)};
 }
 
 // torch's reflect_coordinates, as sampling._reflect.
 template <typename T>
-inline void Reflect(T& x, T& deriv, int64_t twice_low, int64_t twice_high) {
-  if (twice_low == twice_high) {
-    x = T(0);
-    deriv = T(0);
-    return;
-  }
+inline Coord<T> Reflect(Coord<T> c, int64_t twice_low, int64_t twice_high) {
+  if (twice_low == twice_high) return {T(0), T(0)};
   const T low = T(double(twice_low) / 2);
   const T span = T(double(twice_high - twice_low) / 2);
-  x = x - low;
+  T x = c.x - low;
   const T sign = x < T(0) ? T(-1) : T(1);
   x = std::fabs(x);
   const T extra = std::fmod(x, span);
   const T flips = std::floor(x / span);
   const bool odd = std::fmod(flips, T(2)) == T(1);
-  x = odd ? span - extra + low : extra + low;
-  deriv = deriv * (odd ? -sign : sign);
+  return {odd ? span - extra + low : extra + low, c.d * (odd ? -sign : sign)};
 }
 
 // Snaps a coordinate within float rounding of an integer onto it, as
@@ -72,111 +75,266 @@ inline T SnapToIntegers(T x, int64_t size) {
 // Normalised g (finite, clamped) -> pixel coordinate and its derivative, as
 // sampling._source_coord.
 template <typename T, int32_t kPad, bool kAlign>
-inline void SourceCoord(T g, int64_t size, T& x, T& deriv) {
+inline Coord<T> SourceCoord(T g, int64_t size) {
+  Coord<T> c;
   if (kAlign) {
-    x = (g + T(1)) / T(2) * T(size - 1);
-    deriv = T(double(size - 1) / 2);
+    c = {(g + T(1)) / T(2) * T(size - 1), T(double(size - 1) / 2)};
   } else {
-    x = ((g + T(1)) * T(size) - T(1)) / T(2);
-    deriv = T(double(size) / 2);
+    c = {((g + T(1)) * T(size) - T(1)) / T(2), T(double(size) / 2)};
   }
-  x = SnapToIntegers(x, size);
-  if (kPad == kZeros) {
-    Clamp(x, deriv, T(-2), T(size + 1));
-    return;
-  }
+  c.x = SnapToIntegers(c.x, size);
+  if (kPad == kZeros) return Clamp(c, T(-2), T(size + 1));
   if (kPad == kReflection) {
-    if (kAlign) {
-      Reflect(x, deriv, 0, 2 * (size - 1));
-    } else {
-      Reflect(x, deriv, -1, 2 * size - 1);
-    }
+    c = kAlign ? Reflect(c, 0, 2 * (size - 1)) : Reflect(c, -1, 2 * size - 1);
   }
-  Clamp(x, deriv, T(0), T(size - 1));
+  return Clamp(c, T(0), T(size - 1));
 }
 
-// The 4 taps of one point: flat pixel offsets (clamped into the image) and bilinear weights
-// (0 for taps outside the image or a non-finite point), plus what the grid gradient needs.
+// Points are processed in blocks: a first loop computes the taps of the whole block into
+// structure-of-arrays buffers (branch-free, no calls outside the reflection mode, so the
+// compiler vectorises it), a second reads or writes the image.
+constexpr int64_t kBlock = 256;
+
 template <typename T>
-struct Taps {
-  int64_t off[4];  // y0x0, y0x1, y1x0, y1x1, in pixels
-  T w[4];
-  T wx0, wx1, wy0, wy1;
-  bool valid[4];
-  T dx, dy;
+struct alignas(64) Block {
+  T w[4][kBlock];         // bilinear weights, 0 for taps outside the image or non-finite points
+  int32_t off[4][kBlock];  // y0x0, y0x1, y1x0, y1x1 pixel offsets, clamped into the image
+  T m[4][kBlock];         // 1 where the tap is inside the image (and the point finite), else 0
+  T wx0[kBlock], wx1[kBlock], wy0[kBlock], wy1[kBlock];
+  T dx[kBlock], dy[kBlock];  // d(pixel coordinate) / d(grid), 0 where the point is not finite
 };
 
-template <typename T, int32_t kPad, bool kAlign>
-inline void ComputeTaps(T gx, T gy, int64_t h, int64_t w, Taps<T>& t) {
-  const bool finite = std::isfinite(gx) & std::isfinite(gy);
-  if (!finite) {
-    gx = T(0);
-    gy = T(0);
-  }
-  T dcx = T(1), dcy = T(1);
-  Clamp(gx, dcx, T(-kMaxAbsGrid), T(kMaxAbsGrid));
-  Clamp(gy, dcy, T(-kMaxAbsGrid), T(kMaxAbsGrid));
-  T x, y, dx, dy;
-  SourceCoord<T, kPad, kAlign>(gx, w, x, dx);
-  SourceCoord<T, kPad, kAlign>(gy, h, y, dy);
-  t.dx = finite ? dx * dcx : T(0);
-  t.dy = finite ? dy * dcy : T(0);
+// Clamps an integer-valued float index into [0, size - 1].
+template <typename T>
+inline T ClampF(T i, T size) {
+  return i < T(0) ? T(0) : (i > size - T(1) ? size - T(1) : i);
+}
 
-  const T x0f = std::floor(x);
-  const T y0f = std::floor(y);
-  const T wx1 = x - x0f;
-  const T wy1 = y - y0f;
-  const int64_t ix0 = int64_t(int32_t(x0f)), iy0 = int64_t(int32_t(y0f));
-  const int64_t ix1 = ix0 + 1, iy1 = iy0 + 1;
-  const bool vx0 = (ix0 >= 0) & (ix0 < w), vx1 = (ix1 >= 0) & (ix1 < w);
-  const bool vy0 = ((iy0 >= 0) & (iy0 < h)) & finite, vy1 = ((iy1 >= 0) & (iy1 < h)) & finite;
-  const int64_t cx0 = std::clamp<int64_t>(ix0, 0, w - 1), cx1 = std::clamp<int64_t>(ix1, 0, w - 1);
-  const int64_t cy0 = std::clamp<int64_t>(iy0, 0, h - 1), cy1 = std::clamp<int64_t>(iy1, 0, h - 1);
-  t.wx0 = T(1) - wx1;
-  t.wx1 = wx1;
-  t.wy0 = T(1) - wy1;
-  t.wy1 = wy1;
-  t.off[0] = cy0 * w + cx0;
-  t.off[1] = cy0 * w + cx1;
-  t.off[2] = cy1 * w + cx0;
-  t.off[3] = cy1 * w + cx1;
-  t.valid[0] = vy0 & vx0;
-  t.valid[1] = vy0 & vx1;
-  t.valid[2] = vy1 & vx0;
-  t.valid[3] = vy1 & vx1;
-  t.w[0] = t.valid[0] ? t.wy0 * t.wx0 : T(0);
-  t.w[1] = t.valid[1] ? t.wy0 * t.wx1 : T(0);
-  t.w[2] = t.valid[2] ? t.wy1 * t.wx0 : T(0);
-  t.w[3] = t.valid[3] ? t.wy1 * t.wx1 : T(0);
+template <typename T, int32_t kPad, bool kAlign, bool kGradient>
+inline void ComputeTapsScalar(const T* grid, int64_t count, int64_t h, int64_t w, Block<T>& t) {
+  const T max_abs = T(kMaxAbsGrid);
+  const T big = std::numeric_limits<T>::max();
+  const int32_t wi = int32_t(w);
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) {
+    const T gx = grid[2 * i], gy = grid[2 * i + 1];
+    // isfinite without a call: NaN and +-inf fail the comparison.
+    const bool finite = (std::fabs(gx) <= big) & (std::fabs(gy) <= big);
+    const Coord<T> cx = Clamp(Coord<T>{finite ? gx : T(0), T(1)}, -max_abs, max_abs);
+    const Coord<T> cy = Clamp(Coord<T>{finite ? gy : T(0), T(1)}, -max_abs, max_abs);
+    const Coord<T> sx = SourceCoord<T, kPad, kAlign>(cx.x, w);
+    const Coord<T> sy = SourceCoord<T, kPad, kAlign>(cy.x, h);
+    const T x = sx.x, y = sy.x;
+    const T x0f = std::floor(x), y0f = std::floor(y);
+    const T wx1 = x - x0f, wy1 = y - y0f;
+    const T wx0 = T(1) - wx1, wy0 = T(1) - wy1;
+    // Validity and clamping in floating point (x0f is an integer, |x0f| <= 2^21 after the
+    // clamps above): integer compares and min/max stop the vectoriser.
+    const T wf = T(w), hf = T(h);
+    const bool vx0 = (x0f >= T(0)) & (x0f < wf), vx1 = (x0f >= T(-1)) & (x0f < wf - T(1));
+    const bool vy0 = (y0f >= T(0)) & (y0f < hf) & finite;
+    const bool vy1 = (y0f >= T(-1)) & (y0f < hf - T(1)) & finite;
+    const int32_t cx0 = int32_t(ClampF(x0f, wf)), cx1 = int32_t(ClampF(x0f + T(1), wf));
+    const int32_t cy0 = int32_t(ClampF(y0f, hf)), cy1 = int32_t(ClampF(y0f + T(1), hf));
+    t.off[0][i] = cy0 * wi + cx0;
+    t.off[1][i] = cy0 * wi + cx1;
+    t.off[2][i] = cy1 * wi + cx0;
+    t.off[3][i] = cy1 * wi + cx1;
+    const bool v00 = vy0 & vx0, v01 = vy0 & vx1, v10 = vy1 & vx0, v11 = vy1 & vx1;
+    t.w[0][i] = v00 ? wy0 * wx0 : T(0);
+    t.w[1][i] = v01 ? wy0 * wx1 : T(0);
+    t.w[2][i] = v10 ? wy1 * wx0 : T(0);
+    t.w[3][i] = v11 ? wy1 * wx1 : T(0);
+    if (kGradient) {
+      t.m[0][i] = v00 ? T(1) : T(0);
+      t.m[1][i] = v01 ? T(1) : T(0);
+      t.m[2][i] = v10 ? T(1) : T(0);
+      t.m[3][i] = v11 ? T(1) : T(0);
+      t.wx0[i] = wx0;
+      t.wx1[i] = wx1;
+      t.wy0[i] = wy0;
+      t.wy1[i] = wy1;
+      t.dx[i] = finite ? sx.d * cx.d : T(0);
+      t.dy[i] = finite ? sy.d * cy.d : T(0);
+    }
+  }
+}
+
+// The same computation for float32 in zeros / border mode, written with GCC/Clang vector
+// extensions, kLanes points at a time (auto-vectorisation of the scalar loop fails on its
+// selects and conversions). Every operation and its order are those of the scalar code, so the
+// results are bitwise identical; floor and round-to-nearest are built from conversions, which
+// are exact in the ranges where they are used (see below).
+constexpr int kLanes = 16;
+typedef float VF __attribute__((vector_size(4 * kLanes)));
+typedef int32_t VI __attribute__((vector_size(4 * kLanes)));
+
+inline VF Select(VI mask, VF a, VF b) { return mask ? a : b; }
+inline VF Fabs(VF x) { return (VF)((VI)x & 0x7fffffff); }
+inline VF ToFloat(VI i) { return __builtin_convertvector(i, VF); }
+inline VI ToInt(VF x) { return __builtin_convertvector(x, VI); }  // truncates
+
+// floor for |x| < 2^31 (callers clamp x to a few pixels beyond the image first).
+inline VF Floor(VF x) {
+  const VF t = ToFloat(ToInt(x));
+  return t - Select(t > x, VF{} + 1.0f, VF{});
+}
+
+// Round half to even: exact for |x| < 2^22 by the 1.5 * 2^23 trick; larger floats are within
+// 0.5 of an integer only if they are integers or halves, where the snap below never applies
+// (its tolerance is far below 0.5), so x itself serves.
+inline VF Nearest(VF x) {
+  const VF magic = VF{} + 12582912.0f;
+  const VF r = (x + magic) - magic;
+  return Select(Fabs(x) < 4194304.0f, r, x);
+}
+
+inline VF ClampV(VF x, VI& inside, float lo, float hi) {
+  inside = (x > lo) & (x < hi);
+  return Select(x <= lo, VF{} + lo, Select(x >= hi, VF{} + hi, x));
+}
+
+template <int32_t kPad, bool kAlign>
+inline VF SourceCoordV(VF g, int64_t size, VF& deriv) {
+  VF x;
+  if (kAlign) {
+    x = (g + 1.0f) / 2.0f * float(size - 1);
+    deriv = VF{} + float(double(size - 1) / 2);
+  } else {
+    x = ((g + 1.0f) * float(size) - 1.0f) / 2.0f;
+    deriv = VF{} + float(double(size) / 2);
+  }
+  const float tol = float(2 * double(std::numeric_limits<float>::epsilon()) * double(size + 1));
+  const VF nearest = Nearest(x);
+  x = Select(Fabs(x - nearest) <= tol, x + (nearest - x), x);
+  VI inside;
+  if (kPad == kZeros) {
+    x = ClampV(x, inside, -2.0f, float(size + 1));
+  } else {
+    x = ClampV(x, inside, 0.0f, float(size - 1));
+  }
+  deriv = Select(inside, deriv, VF{});
+  return x;
+}
+
+template <typename V>
+inline V LoadV(const void* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V>
+inline void StoreV(void* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+template <int32_t kPad, bool kAlign, bool kGradient>
+inline void ComputeTapsVector(const float* grid, int64_t count, int64_t h, int64_t w,
+                              Block<float>& t) {
+  alignas(64) float gxs[kBlock], gys[kBlock];
+  for (int64_t i = 0; i < count; ++i) {
+    gxs[i] = grid[2 * i];
+    gys[i] = grid[2 * i + 1];
+  }
+  for (int64_t i = count; i < (count + kLanes - 1) / kLanes * kLanes; ++i) gxs[i] = gys[i] = 0.0f;
+  const float big = std::numeric_limits<float>::max(), max_abs = float(kMaxAbsGrid);
+  const float wf = float(w), hf = float(h);
+  const VF one = VF{} + 1.0f, zero = VF{};
+  for (int64_t i = 0; i < count; i += kLanes) {
+    VF gx = LoadV<VF>(gxs + i), gy = LoadV<VF>(gys + i);
+    const VI finite = (Fabs(gx) <= big) & (Fabs(gy) <= big);
+    gx = Select(finite, gx, zero);
+    gy = Select(finite, gy, zero);
+    VI inx, iny;
+    gx = ClampV(gx, inx, -max_abs, max_abs);
+    gy = ClampV(gy, iny, -max_abs, max_abs);
+    VF dx, dy;
+    const VF x = SourceCoordV<kPad, kAlign>(gx, w, dx);
+    const VF y = SourceCoordV<kPad, kAlign>(gy, h, dy);
+    const VF x0f = Floor(x), y0f = Floor(y);
+    const VF wx1 = x - x0f, wy1 = y - y0f;
+    const VF wx0 = one - wx1, wy0 = one - wy1;
+    const VI vx0 = (x0f >= 0.0f) & (x0f < wf), vx1 = (x0f >= -1.0f) & (x0f < wf - 1.0f);
+    const VI vy0 = (y0f >= 0.0f) & (y0f < hf) & finite;
+    const VI vy1 = (y0f >= -1.0f) & (y0f < hf - 1.0f) & finite;
+    const VF x1f = x0f + 1.0f, y1f = y0f + 1.0f;
+    const VI cx0 = ToInt(Select(x0f < 0.0f, zero, Select(x0f > wf - 1.0f, zero + (wf - 1.0f), x0f)));
+    const VI cx1 = ToInt(Select(x1f < 0.0f, zero, Select(x1f > wf - 1.0f, zero + (wf - 1.0f), x1f)));
+    const VI cy0 = ToInt(Select(y0f < 0.0f, zero, Select(y0f > hf - 1.0f, zero + (hf - 1.0f), y0f)));
+    const VI cy1 = ToInt(Select(y1f < 0.0f, zero, Select(y1f > hf - 1.0f, zero + (hf - 1.0f), y1f)));
+    const int32_t wi = int32_t(w);
+    StoreV(t.off[0] + i, cy0 * wi + cx0);
+    StoreV(t.off[1] + i, cy0 * wi + cx1);
+    StoreV(t.off[2] + i, cy1 * wi + cx0);
+    StoreV(t.off[3] + i, cy1 * wi + cx1);
+    const VI v00 = vy0 & vx0, v01 = vy0 & vx1, v10 = vy1 & vx0, v11 = vy1 & vx1;
+    StoreV(t.w[0] + i, Select(v00, wy0 * wx0, zero));
+    StoreV(t.w[1] + i, Select(v01, wy0 * wx1, zero));
+    StoreV(t.w[2] + i, Select(v10, wy1 * wx0, zero));
+    StoreV(t.w[3] + i, Select(v11, wy1 * wx1, zero));
+    if (kGradient) {
+      StoreV(t.m[0] + i, Select(v00, one, zero));
+      StoreV(t.m[1] + i, Select(v01, one, zero));
+      StoreV(t.m[2] + i, Select(v10, one, zero));
+      StoreV(t.m[3] + i, Select(v11, one, zero));
+      StoreV(t.wx0 + i, wx0);
+      StoreV(t.wx1 + i, wx1);
+      StoreV(t.wy0 + i, wy0);
+      StoreV(t.wy1 + i, wy1);
+      StoreV(t.dx + i, Select(finite, dx * Select(inx, one, zero), zero));
+      StoreV(t.dy + i, Select(finite, dy * Select(iny, one, zero), zero));
+    }
+  }
+}
+
+template <typename T, int32_t kPad, bool kAlign, bool kGradient>
+inline void ComputeTaps(const T* grid, int64_t count, int64_t h, int64_t w, Block<T>& t) {
+  if constexpr (std::is_same_v<T, float> && kPad != kReflection) {
+    ComputeTapsVector<kPad, kAlign, kGradient>(grid, count, h, w, t);
+  } else {
+    ComputeTapsScalar<T, kPad, kAlign, kGradient>(grid, count, h, w, t);
+  }
 }
 
 struct Geometry {
   int64_t batch, h, w, c, n;
 };
 
-// Points [begin, end) of the flattened (batch * n) output.
+// Output points [begin, end) of the flattened (batch * n) output.
 template <typename T, int32_t kPad, bool kAlign>
 void ForwardRange(const T* image, const T* grid, T* out, const Geometry& g, int64_t begin,
                   int64_t end) {
-  const int64_t pixels = g.h * g.w;
-  Taps<T> t;
-  for (int64_t p = begin; p < end; ++p) {
+  const int64_t pixels = g.h * g.w, c = g.c;
+  Block<T> t;
+  for (int64_t p = begin; p < end;) {
     const int64_t b = p / g.n;
-    const T* img = image + b * pixels * g.c;
-    ComputeTaps<T, kPad, kAlign>(grid[2 * p], grid[2 * p + 1], g.h, g.w, t);
-    T* o = out + p * g.c;
-    if (g.c == 1) {
-      o[0] = t.w[0] * img[t.off[0]] + t.w[1] * img[t.off[1]] + t.w[2] * img[t.off[2]] +
-             t.w[3] * img[t.off[3]];
-      continue;
+    const int64_t stop = std::min({end, (b + 1) * g.n, p + kBlock});
+    const int64_t count = stop - p;
+    const T* img = image + b * pixels * c;
+    ComputeTaps<T, kPad, kAlign, false>(grid + 2 * p, count, g.h, g.w, t);
+    T* o = out + p * c;
+    if (c == 1) {
+#pragma omp simd
+      for (int64_t i = 0; i < count; ++i) {
+        o[i] = t.w[0][i] * img[t.off[0][i]] + t.w[1][i] * img[t.off[1][i]] +
+               t.w[2][i] * img[t.off[2][i]] + t.w[3][i] * img[t.off[3][i]];
+      }
+    } else {
+      for (int64_t i = 0; i < count; ++i) {
+        const T w0 = t.w[0][i], w1 = t.w[1][i], w2 = t.w[2][i], w3 = t.w[3][i];
+        const T* v0 = img + int64_t(t.off[0][i]) * c;
+        const T* v1 = img + int64_t(t.off[1][i]) * c;
+        const T* v2 = img + int64_t(t.off[2][i]) * c;
+        const T* v3 = img + int64_t(t.off[3][i]) * c;
+        T* oi = o + i * c;
+#pragma omp simd
+        for (int64_t k = 0; k < c; ++k) {
+          oi[k] = w0 * v0[k] + w1 * v1[k] + w2 * v2[k] + w3 * v3[k];
+        }
+      }
     }
-    const T* v0 = img + t.off[0] * g.c;
-    const T* v1 = img + t.off[1] * g.c;
-    const T* v2 = img + t.off[2] * g.c;
-    const T* v3 = img + t.off[3] * g.c;
-    for (int64_t k = 0; k < g.c; ++k) {
-      o[k] = t.w[0] * v0[k] + t.w[1] * v1[k] + t.w[2] * v2[k] + t.w[3] * v3[k];
-    }
+    p = stop;
   }
 }
 
@@ -184,73 +342,98 @@ void ForwardRange(const T* image, const T* grid, T* out, const Geometry& g, int6
 template <typename T, int32_t kPad, bool kAlign>
 void BackwardRange(const T* image, const T* grid, const T* cot, T* d_image, T* d_grid,
                    const Geometry& g, int64_t begin, int64_t end) {
-  const int64_t pixels = g.h * g.w;
-  Taps<T> t;
+  const int64_t pixels = g.h * g.w, c = g.c;
+  Block<T> t;
+  alignas(64) T gxs[kBlock], gys[kBlock];
   for (int64_t b = begin; b < end; ++b) {
-    const T* img = image + b * pixels * g.c;
-    T* dimg = d_image + b * pixels * g.c;
-    std::memset(dimg, 0, sizeof(T) * pixels * g.c);
-    for (int64_t i = 0; i < g.n; ++i) {
-      const int64_t p = b * g.n + i;
-      ComputeTaps<T, kPad, kAlign>(grid[2 * p], grid[2 * p + 1], g.h, g.w, t);
-      const T* gr = cot + p * g.c;
-      // Taps outside the image read 0 for the grid gradient, eq. (7).
-      const T m0 = t.valid[0] ? T(1) : T(0), m1 = t.valid[1] ? T(1) : T(0);
-      const T m2 = t.valid[2] ? T(1) : T(0), m3 = t.valid[3] ? T(1) : T(0);
-      T gx = T(0), gy = T(0);
-      if (g.c == 1) {
-        const T v00 = m0 * img[t.off[0]], v01 = m1 * img[t.off[1]];
-        const T v10 = m2 * img[t.off[2]], v11 = m3 * img[t.off[3]];
-        const T c = gr[0];
-        gx = c * (t.wy0 * (v01 - v00) + t.wy1 * (v11 - v10));
-        gy = c * (t.wx0 * (v10 - v00) + t.wx1 * (v11 - v01));
-        dimg[t.off[0]] += t.w[0] * c;
-        dimg[t.off[1]] += t.w[1] * c;
-        dimg[t.off[2]] += t.w[2] * c;
-        dimg[t.off[3]] += t.w[3] * c;
-      } else {
-        const T* p0 = img + t.off[0] * g.c;
-        const T* p1 = img + t.off[1] * g.c;
-        const T* p2 = img + t.off[2] * g.c;
-        const T* p3 = img + t.off[3] * g.c;
-        for (int64_t k = 0; k < g.c; ++k) {
-          const T v00 = m0 * p0[k], v01 = m1 * p1[k], v10 = m2 * p2[k], v11 = m3 * p3[k];
-          gx += gr[k] * (t.wy0 * (v01 - v00) + t.wy1 * (v11 - v10));
-          gy += gr[k] * (t.wx0 * (v10 - v00) + t.wx1 * (v11 - v01));
+    const T* img = image + b * pixels * c;
+    T* dimg = d_image + b * pixels * c;
+    std::memset(dimg, 0, sizeof(T) * pixels * c);
+    for (int64_t p = b * g.n; p < (b + 1) * g.n;) {
+      const int64_t count = std::min((b + 1) * g.n - p, kBlock);
+      ComputeTaps<T, kPad, kAlign, true>(grid + 2 * p, count, g.h, g.w, t);
+      const T* gr = cot + p * c;
+      if (c == 1) {
+        // Eq. (7), taps outside the image reading 0.
+#pragma omp simd
+        for (int64_t i = 0; i < count; ++i) {
+          const T v00 = t.m[0][i] * img[t.off[0][i]], v01 = t.m[1][i] * img[t.off[1][i]];
+          const T v10 = t.m[2][i] * img[t.off[2][i]], v11 = t.m[3][i] * img[t.off[3][i]];
+          gxs[i] = gr[i] * (t.wy0[i] * (v01 - v00) + t.wy1[i] * (v11 - v10));
+          gys[i] = gr[i] * (t.wx0[i] * (v10 - v00) + t.wx1[i] * (v11 - v01));
         }
-        T* q0 = dimg + t.off[0] * g.c;
-        T* q1 = dimg + t.off[1] * g.c;
-        T* q2 = dimg + t.off[2] * g.c;
-        T* q3 = dimg + t.off[3] * g.c;
-        for (int64_t k = 0; k < g.c; ++k) q0[k] += t.w[0] * gr[k];
-        for (int64_t k = 0; k < g.c; ++k) q1[k] += t.w[1] * gr[k];
-        for (int64_t k = 0; k < g.c; ++k) q2[k] += t.w[2] * gr[k];
-        for (int64_t k = 0; k < g.c; ++k) q3[k] += t.w[3] * gr[k];
+        // Eq. (6): the scatter-add, sequential (taps of different points collide).
+        for (int64_t i = 0; i < count; ++i) {
+          dimg[t.off[0][i]] += t.w[0][i] * gr[i];
+          dimg[t.off[1][i]] += t.w[1][i] * gr[i];
+          dimg[t.off[2][i]] += t.w[2][i] * gr[i];
+          dimg[t.off[3][i]] += t.w[3][i] * gr[i];
+        }
+      } else {
+        for (int64_t i = 0; i < count; ++i) {
+          const T m0 = t.m[0][i], m1 = t.m[1][i], m2 = t.m[2][i], m3 = t.m[3][i];
+          const T wx0 = t.wx0[i], wx1 = t.wx1[i], wy0 = t.wy0[i], wy1 = t.wy1[i];
+          const T* p0 = img + int64_t(t.off[0][i]) * c;
+          const T* p1 = img + int64_t(t.off[1][i]) * c;
+          const T* p2 = img + int64_t(t.off[2][i]) * c;
+          const T* p3 = img + int64_t(t.off[3][i]) * c;
+          const T* gi = gr + i * c;
+          T gx = T(0), gy = T(0);
+#pragma omp simd reduction(+ : gx, gy)
+          for (int64_t k = 0; k < c; ++k) {
+            const T v00 = m0 * p0[k], v01 = m1 * p1[k], v10 = m2 * p2[k], v11 = m3 * p3[k];
+            gx += gi[k] * (wy0 * (v01 - v00) + wy1 * (v11 - v10));
+            gy += gi[k] * (wx0 * (v10 - v00) + wx1 * (v11 - v01));
+          }
+          gxs[i] = gx;
+          gys[i] = gy;
+          const T w0 = t.w[0][i], w1 = t.w[1][i], w2 = t.w[2][i], w3 = t.w[3][i];
+          T* q0 = dimg + int64_t(t.off[0][i]) * c;
+          T* q1 = dimg + int64_t(t.off[1][i]) * c;
+          T* q2 = dimg + int64_t(t.off[2][i]) * c;
+          T* q3 = dimg + int64_t(t.off[3][i]) * c;
+#pragma omp simd
+          for (int64_t k = 0; k < c; ++k) q0[k] += w0 * gi[k];
+#pragma omp simd
+          for (int64_t k = 0; k < c; ++k) q1[k] += w1 * gi[k];
+#pragma omp simd
+          for (int64_t k = 0; k < c; ++k) q2[k] += w2 * gi[k];
+#pragma omp simd
+          for (int64_t k = 0; k < c; ++k) q3[k] += w3 * gi[k];
+        }
       }
-      d_grid[2 * p] = gx * t.dx;
-      d_grid[2 * p + 1] = gy * t.dy;
+      T* dg = d_grid + 2 * p;
+#pragma omp simd
+      for (int64_t i = 0; i < count; ++i) {
+        dg[2 * i] = gxs[i] * t.dx[i];
+        dg[2 * i + 1] = gys[i] * t.dy[i];
+      }
+      p += count;
     }
   }
 }
 
-// Runs fn(begin, end) over [0, total) in about `tasks` chunks on the pool; returns a future.
+// Runs fn(begin, end) over [0, total) split into chunks of at least min_chunk, on up to
+// num_threads tasks of the pool that take chunks from a shared counter (so a task slowed by
+// other load on the machine takes fewer); returns a future that completes with the last task.
 template <typename F>
 ffi::Future ParallelFor(ffi::ThreadPool& pool, int64_t total, int64_t min_chunk, F fn) {
-  int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  int64_t chunks = std::min<int64_t>(threads, std::max<int64_t>(1, total / min_chunk));
-  ffi::CountDownPromise done(chunks);
-  ffi::Future future(done);
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t chunks =
+      std::max<int64_t>(1, std::min<int64_t>(4 * threads, total / std::max<int64_t>(1, min_chunk)));
+  const int64_t tasks = std::min(threads, chunks);
   const int64_t step = (total + chunks - 1) / chunks;
-  for (int64_t i = 1; i < chunks; ++i) {
-    const int64_t begin = std::min(total, i * step), end = std::min(total, (i + 1) * step);
-    pool.Schedule([fn, begin, end, done]() mutable {
-      fn(begin, end);
-      done.CountDown();
-    });
-  }
-  // The caller's own share runs inline.
-  fn(0, std::min(total, step));
-  done.CountDown();
+  ffi::CountDownPromise done(tasks);
+  ffi::Future future(done);
+  auto next = std::make_shared<std::atomic<int64_t>>(0);
+  auto work = [fn, next, total, step, chunks, done]() mutable {
+    for (int64_t i = next->fetch_add(1); i < chunks; i = next->fetch_add(1)) {
+      fn(std::min(total, i * step), std::min(total, (i + 1) * step));
+    }
+    done.CountDown();
+  };
+  for (int64_t i = 1; i < tasks; ++i) pool.Schedule(decltype(work)(work));
+  work();  // the caller's own share runs inline
   return future;
 }
 
@@ -262,9 +445,11 @@ Geometry GetGeometry(ffi::AnyBuffer image, ffi::AnyBuffer grid) {
   g.h = di[ri - 3];
   g.w = di[ri - 2];
   g.c = di[ri - 1];
-  g.n = dg[rg - 2];
   g.batch = 1;
   for (size_t i = 0; i + 3 < ri; ++i) g.batch *= di[i];
+  int64_t points = 1;
+  for (size_t i = 0; i + 1 < rg; ++i) points *= dg[i];
+  g.n = g.batch > 0 ? points / g.batch : 0;
   return g;
 }
 
