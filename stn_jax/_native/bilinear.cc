@@ -301,11 +301,12 @@ struct Geometry {
   int64_t batch, h, w, c, n;
 };
 
-// Output points [begin, end) of the flattened (batch * n) output.
-template <typename T, int32_t kPad, bool kAlign>
+// Output points [begin, end) of the flattened (batch * n) output. kC > 0 is the channel count
+// known at compile time (the loops over points then vectorise with gathers), 0 reads g.c.
+template <typename T, int32_t kPad, bool kAlign, int kC>
 void ForwardRange(const T* image, const T* grid, T* out, const Geometry& g, int64_t begin,
                   int64_t end) {
-  const int64_t pixels = g.h * g.w, c = g.c;
+  const int64_t pixels = g.h * g.w, c = kC > 0 ? kC : g.c;
   Block<T> t;
   for (int64_t p = begin; p < end;) {
     const int64_t b = p / g.n;
@@ -314,11 +315,15 @@ void ForwardRange(const T* image, const T* grid, T* out, const Geometry& g, int6
     const T* img = image + b * pixels * c;
     ComputeTaps<T, kPad, kAlign, false>(grid + 2 * p, count, g.h, g.w, t);
     T* o = out + p * c;
-    if (c == 1) {
+    if (kC > 0) {
 #pragma omp simd
       for (int64_t i = 0; i < count; ++i) {
-        o[i] = t.w[0][i] * img[t.off[0][i]] + t.w[1][i] * img[t.off[1][i]] +
-               t.w[2][i] * img[t.off[2][i]] + t.w[3][i] * img[t.off[3][i]];
+        for (int k = 0; k < kC; ++k) {
+          o[i * kC + k] = t.w[0][i] * img[t.off[0][i] * kC + k] +
+                          t.w[1][i] * img[t.off[1][i] * kC + k] +
+                          t.w[2][i] * img[t.off[2][i] * kC + k] +
+                          t.w[3][i] * img[t.off[3][i] * kC + k];
+        }
       }
     } else {
       for (int64_t i = 0; i < count; ++i) {
@@ -339,10 +344,10 @@ void ForwardRange(const T* image, const T* grid, T* out, const Geometry& g, int6
 }
 
 // Images [begin, end): d_image for those images (zeroed here) and d_grid for their points.
-template <typename T, int32_t kPad, bool kAlign>
+template <typename T, int32_t kPad, bool kAlign, int kC>
 void BackwardRange(const T* image, const T* grid, const T* cot, T* d_image, T* d_grid,
                    const Geometry& g, int64_t begin, int64_t end) {
-  const int64_t pixels = g.h * g.w, c = g.c;
+  const int64_t pixels = g.h * g.w, c = kC > 0 ? kC : g.c;
   Block<T> t;
   alignas(64) T gxs[kBlock], gys[kBlock];
   for (int64_t b = begin; b < end; ++b) {
@@ -353,21 +358,30 @@ void BackwardRange(const T* image, const T* grid, const T* cot, T* d_image, T* d
       const int64_t count = std::min((b + 1) * g.n - p, kBlock);
       ComputeTaps<T, kPad, kAlign, true>(grid + 2 * p, count, g.h, g.w, t);
       const T* gr = cot + p * c;
-      if (c == 1) {
+      if (kC > 0) {
         // Eq. (7), taps outside the image reading 0.
 #pragma omp simd
         for (int64_t i = 0; i < count; ++i) {
-          const T v00 = t.m[0][i] * img[t.off[0][i]], v01 = t.m[1][i] * img[t.off[1][i]];
-          const T v10 = t.m[2][i] * img[t.off[2][i]], v11 = t.m[3][i] * img[t.off[3][i]];
-          gxs[i] = gr[i] * (t.wy0[i] * (v01 - v00) + t.wy1[i] * (v11 - v10));
-          gys[i] = gr[i] * (t.wx0[i] * (v10 - v00) + t.wx1[i] * (v11 - v01));
+          T gx = T(0), gy = T(0);
+          for (int k = 0; k < kC; ++k) {
+            const T v00 = t.m[0][i] * img[t.off[0][i] * kC + k];
+            const T v01 = t.m[1][i] * img[t.off[1][i] * kC + k];
+            const T v10 = t.m[2][i] * img[t.off[2][i] * kC + k];
+            const T v11 = t.m[3][i] * img[t.off[3][i] * kC + k];
+            const T gk = gr[i * kC + k];
+            gx += gk * (t.wy0[i] * (v01 - v00) + t.wy1[i] * (v11 - v10));
+            gy += gk * (t.wx0[i] * (v10 - v00) + t.wx1[i] * (v11 - v01));
+          }
+          gxs[i] = gx;
+          gys[i] = gy;
         }
         // Eq. (6): the scatter-add, sequential (taps of different points collide).
         for (int64_t i = 0; i < count; ++i) {
-          dimg[t.off[0][i]] += t.w[0][i] * gr[i];
-          dimg[t.off[1][i]] += t.w[1][i] * gr[i];
-          dimg[t.off[2][i]] += t.w[2][i] * gr[i];
-          dimg[t.off[3][i]] += t.w[3][i] * gr[i];
+          for (int q = 0; q < 4; ++q) {
+            T* d = dimg + int64_t(t.off[q][i]) * kC;
+            const T wq = t.w[q][i];
+            for (int k = 0; k < kC; ++k) d[k] += wq * gr[i * kC + k];
+          }
         }
       } else {
         for (int64_t i = 0; i < count; ++i) {
@@ -387,19 +401,12 @@ void BackwardRange(const T* image, const T* grid, const T* cot, T* d_image, T* d
           }
           gxs[i] = gx;
           gys[i] = gy;
-          const T w0 = t.w[0][i], w1 = t.w[1][i], w2 = t.w[2][i], w3 = t.w[3][i];
-          T* q0 = dimg + int64_t(t.off[0][i]) * c;
-          T* q1 = dimg + int64_t(t.off[1][i]) * c;
-          T* q2 = dimg + int64_t(t.off[2][i]) * c;
-          T* q3 = dimg + int64_t(t.off[3][i]) * c;
+          for (int q = 0; q < 4; ++q) {
+            T* d = dimg + int64_t(t.off[q][i]) * c;
+            const T wq = t.w[q][i];
 #pragma omp simd
-          for (int64_t k = 0; k < c; ++k) q0[k] += w0 * gi[k];
-#pragma omp simd
-          for (int64_t k = 0; k < c; ++k) q1[k] += w1 * gi[k];
-#pragma omp simd
-          for (int64_t k = 0; k < c; ++k) q2[k] += w2 * gi[k];
-#pragma omp simd
-          for (int64_t k = 0; k < c; ++k) q3[k] += w3 * gi[k];
+            for (int64_t k = 0; k < c; ++k) d[k] += wq * gi[k];
+          }
         }
       }
       T* dg = d_grid + 2 * p;
@@ -456,8 +463,13 @@ Geometry GetGeometry(ffi::AnyBuffer image, ffi::AnyBuffer grid) {
 template <typename T, int32_t kPad, bool kAlign>
 ffi::Future Forward(ffi::ThreadPool pool, const T* image, const T* grid, T* out, Geometry g) {
   const int64_t total = g.batch * g.n;
+  // Small channel counts are compiled separately so their point loops vectorise.
   return ParallelFor(pool, total, 4096, [=](int64_t begin, int64_t end) {
-    ForwardRange<T, kPad, kAlign>(image, grid, out, g, begin, end);
+    switch (g.c) {
+      case 1: return ForwardRange<T, kPad, kAlign, 1>(image, grid, out, g, begin, end);
+      case 3: return ForwardRange<T, kPad, kAlign, 3>(image, grid, out, g, begin, end);
+      default: return ForwardRange<T, kPad, kAlign, 0>(image, grid, out, g, begin, end);
+    }
   });
 }
 
@@ -467,7 +479,14 @@ ffi::Future Backward(ffi::ThreadPool pool, const T* image, const T* grid, const 
   const int64_t work_per_image = std::max<int64_t>(1, g.n * g.c + g.h * g.w * g.c);
   const int64_t min_images = std::max<int64_t>(1, 16384 / work_per_image);
   return ParallelFor(pool, g.batch, min_images, [=](int64_t begin, int64_t end) {
-    BackwardRange<T, kPad, kAlign>(image, grid, cot, d_image, d_grid, g, begin, end);
+    switch (g.c) {
+      case 1:
+        return BackwardRange<T, kPad, kAlign, 1>(image, grid, cot, d_image, d_grid, g, begin, end);
+      case 3:
+        return BackwardRange<T, kPad, kAlign, 3>(image, grid, cot, d_image, d_grid, g, begin, end);
+      default:
+        return BackwardRange<T, kPad, kAlign, 0>(image, grid, cot, d_image, d_grid, g, begin, end);
+    }
   });
 }
 
