@@ -24,6 +24,10 @@
 #include <memory>
 #include <type_traits>
 
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -166,16 +170,18 @@ inline void ComputeTapsScalar(const T* grid, int64_t count, int64_t h, int64_t w
 // results are bitwise identical; floor and round-to-nearest are built from conversions, which
 // are exact in the ranges where they are used (see below).
 constexpr int kLanes = 16;
+// Everything on vectors is force-inlined: a call would pass them (and TapsV) through memory.
+#define STN_INLINE inline __attribute__((always_inline))
 typedef float VF __attribute__((vector_size(4 * kLanes)));
 typedef int32_t VI __attribute__((vector_size(4 * kLanes)));
 
-inline VF Select(VI mask, VF a, VF b) { return mask ? a : b; }
-inline VF Fabs(VF x) { return (VF)((VI)x & 0x7fffffff); }
-inline VF ToFloat(VI i) { return __builtin_convertvector(i, VF); }
-inline VI ToInt(VF x) { return __builtin_convertvector(x, VI); }  // truncates
+STN_INLINE VF Select(VI mask, VF a, VF b) { return mask ? a : b; }
+STN_INLINE VF Fabs(VF x) { return (VF)((VI)x & 0x7fffffff); }
+STN_INLINE VF ToFloat(VI i) { return __builtin_convertvector(i, VF); }
+STN_INLINE VI ToInt(VF x) { return __builtin_convertvector(x, VI); }  // truncates
 
 // floor for |x| < 2^31 (callers clamp x to a few pixels beyond the image first).
-inline VF Floor(VF x) {
+STN_INLINE VF Floor(VF x) {
   const VF t = ToFloat(ToInt(x));
   return t - Select(t > x, VF{} + 1.0f, VF{});
 }
@@ -183,19 +189,19 @@ inline VF Floor(VF x) {
 // Round half to even: exact for |x| < 2^22 by the 1.5 * 2^23 trick; larger floats are within
 // 0.5 of an integer only if they are integers or halves, where the snap below never applies
 // (its tolerance is far below 0.5), so x itself serves.
-inline VF Nearest(VF x) {
+STN_INLINE VF Nearest(VF x) {
   const VF magic = VF{} + 12582912.0f;
   const VF r = (x + magic) - magic;
   return Select(Fabs(x) < 4194304.0f, r, x);
 }
 
-inline VF ClampV(VF x, VI& inside, float lo, float hi) {
+STN_INLINE VF ClampV(VF x, VI& inside, float lo, float hi) {
   inside = (x > lo) & (x < hi);
   return Select(x <= lo, VF{} + lo, Select(x >= hi, VF{} + hi, x));
 }
 
 template <int32_t kPad, bool kAlign>
-inline VF SourceCoordV(VF g, int64_t size, VF& deriv) {
+STN_INLINE VF SourceCoordV(VF g, int64_t size, VF& deriv) {
   VF x;
   if (kAlign) {
     x = (g + 1.0f) / 2.0f * float(size - 1);
@@ -218,72 +224,157 @@ inline VF SourceCoordV(VF g, int64_t size, VF& deriv) {
 }
 
 template <typename V>
-inline V LoadV(const void* p) {
+STN_INLINE V LoadV(const void* p) {
   V v;
   std::memcpy(&v, p, sizeof(V));
   return v;
 }
 
 template <typename V>
-inline void StoreV(void* p, V v) {
+STN_INLINE void StoreV(void* p, V v) {
   std::memcpy(p, &v, sizeof(V));
+}
+
+// The taps of kLanes points, as ComputeTapsScalar computes them one by one.
+struct TapsV {
+  VI off[4];    // y0x0, y0x1, y1x0, y1x1 pixel offsets, clamped into the image
+  VF w[4];      // bilinear weights, 0 for taps outside the image or non-finite points
+  VI valid[4];  // -1 where the tap is inside the image and the point finite, else 0
+  VF wx0, wx1, wy0, wy1;
+  VF dx, dy;    // d(pixel coordinate) / d(grid), 0 where the point is not finite
+};
+
+template <int32_t kPad, bool kAlign>
+STN_INLINE TapsV TapsVector(VF gx, VF gy, int64_t h, int64_t w) {
+  const float big = std::numeric_limits<float>::max();
+  const float wf = float(w), hf = float(h);
+  const VF one = VF{} + 1.0f, zero = VF{};
+  TapsV t;
+  const VI finite = (Fabs(gx) <= big) & (Fabs(gy) <= big);
+  // The clamp of finite values to +-kMaxAbsGrid is left out: in zeros and border modes such a
+  // point lands beyond the image edge either way, with the same value and a zero derivative
+  // (overflow to +-inf included: the padding clamp maps it to the same edge).
+  gx = Select(finite, gx, zero);
+  gy = Select(finite, gy, zero);
+  const VF x = SourceCoordV<kPad, kAlign>(gx, w, t.dx);
+  const VF y = SourceCoordV<kPad, kAlign>(gy, h, t.dy);
+  t.dx = Select(finite, t.dx, zero);
+  t.dy = Select(finite, t.dy, zero);
+  const VF x0f = Floor(x), y0f = Floor(y);
+  t.wx1 = x - x0f;
+  t.wy1 = y - y0f;
+  t.wx0 = one - t.wx1;
+  t.wy0 = one - t.wy1;
+  const VI vx0 = (x0f >= 0.0f) & (x0f < wf), vx1 = (x0f >= -1.0f) & (x0f < wf - 1.0f);
+  const VI vy0 = (y0f >= 0.0f) & (y0f < hf) & finite;
+  const VI vy1 = (y0f >= -1.0f) & (y0f < hf - 1.0f) & finite;
+  const VF x1f = x0f + 1.0f, y1f = y0f + 1.0f;
+  const VF wmax = zero + (wf - 1.0f), hmax = zero + (hf - 1.0f);
+  const VI cx0 = ToInt(Select(x0f < 0.0f, zero, Select(x0f > wmax, wmax, x0f)));
+  const VI cx1 = ToInt(Select(x1f < 0.0f, zero, Select(x1f > wmax, wmax, x1f)));
+  const VI cy0 = ToInt(Select(y0f < 0.0f, zero, Select(y0f > hmax, hmax, y0f))) * int32_t(w);
+  const VI cy1 = ToInt(Select(y1f < 0.0f, zero, Select(y1f > hmax, hmax, y1f))) * int32_t(w);
+  t.off[0] = cy0 + cx0;
+  t.off[1] = cy0 + cx1;
+  t.off[2] = cy1 + cx0;
+  t.off[3] = cy1 + cx1;
+  t.valid[0] = vy0 & vx0;
+  t.valid[1] = vy0 & vx1;
+  t.valid[2] = vy1 & vx0;
+  t.valid[3] = vy1 & vx1;
+  t.w[0] = Select(t.valid[0], t.wy0 * t.wx0, zero);
+  t.w[1] = Select(t.valid[1], t.wy0 * t.wx1, zero);
+  t.w[2] = Select(t.valid[2], t.wy1 * t.wx0, zero);
+  t.w[3] = Select(t.valid[3], t.wy1 * t.wx1, zero);
+  return t;
+}
+
+// (x, y) pairs of kLanes points -> x and y vectors.
+STN_INLINE void Deinterleave(const float* xy, VF& x, VF& y) {
+  const VF a = LoadV<VF>(xy), b = LoadV<VF>(xy + kLanes);
+#if defined(__clang__)
+  x = __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  y = __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+#else
+  x = __builtin_shuffle(a, b, VI{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30});
+  y = __builtin_shuffle(a, b, VI{1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31});
+#endif
 }
 
 template <int32_t kPad, bool kAlign, bool kGradient>
 inline void ComputeTapsVector(const float* grid, int64_t count, int64_t h, int64_t w,
                               Block<float>& t) {
-  alignas(64) float gxs[kBlock], gys[kBlock];
-  for (int64_t i = 0; i < count; ++i) {
-    gxs[i] = grid[2 * i];
-    gys[i] = grid[2 * i + 1];
-  }
-  for (int64_t i = count; i < (count + kLanes - 1) / kLanes * kLanes; ++i) gxs[i] = gys[i] = 0.0f;
-  const float big = std::numeric_limits<float>::max(), max_abs = float(kMaxAbsGrid);
-  const float wf = float(w), hf = float(h);
+  alignas(64) float tail[2 * kLanes];
   const VF one = VF{} + 1.0f, zero = VF{};
   for (int64_t i = 0; i < count; i += kLanes) {
-    VF gx = LoadV<VF>(gxs + i), gy = LoadV<VF>(gys + i);
-    const VI finite = (Fabs(gx) <= big) & (Fabs(gy) <= big);
-    gx = Select(finite, gx, zero);
-    gy = Select(finite, gy, zero);
-    VI inx, iny;
-    gx = ClampV(gx, inx, -max_abs, max_abs);
-    gy = ClampV(gy, iny, -max_abs, max_abs);
-    VF dx, dy;
-    const VF x = SourceCoordV<kPad, kAlign>(gx, w, dx);
-    const VF y = SourceCoordV<kPad, kAlign>(gy, h, dy);
-    const VF x0f = Floor(x), y0f = Floor(y);
-    const VF wx1 = x - x0f, wy1 = y - y0f;
-    const VF wx0 = one - wx1, wy0 = one - wy1;
-    const VI vx0 = (x0f >= 0.0f) & (x0f < wf), vx1 = (x0f >= -1.0f) & (x0f < wf - 1.0f);
-    const VI vy0 = (y0f >= 0.0f) & (y0f < hf) & finite;
-    const VI vy1 = (y0f >= -1.0f) & (y0f < hf - 1.0f) & finite;
-    const VF x1f = x0f + 1.0f, y1f = y0f + 1.0f;
-    const VI cx0 = ToInt(Select(x0f < 0.0f, zero, Select(x0f > wf - 1.0f, zero + (wf - 1.0f), x0f)));
-    const VI cx1 = ToInt(Select(x1f < 0.0f, zero, Select(x1f > wf - 1.0f, zero + (wf - 1.0f), x1f)));
-    const VI cy0 = ToInt(Select(y0f < 0.0f, zero, Select(y0f > hf - 1.0f, zero + (hf - 1.0f), y0f)));
-    const VI cy1 = ToInt(Select(y1f < 0.0f, zero, Select(y1f > hf - 1.0f, zero + (hf - 1.0f), y1f)));
-    const int32_t wi = int32_t(w);
-    StoreV(t.off[0] + i, cy0 * wi + cx0);
-    StoreV(t.off[1] + i, cy0 * wi + cx1);
-    StoreV(t.off[2] + i, cy1 * wi + cx0);
-    StoreV(t.off[3] + i, cy1 * wi + cx1);
-    const VI v00 = vy0 & vx0, v01 = vy0 & vx1, v10 = vy1 & vx0, v11 = vy1 & vx1;
-    StoreV(t.w[0] + i, Select(v00, wy0 * wx0, zero));
-    StoreV(t.w[1] + i, Select(v01, wy0 * wx1, zero));
-    StoreV(t.w[2] + i, Select(v10, wy1 * wx0, zero));
-    StoreV(t.w[3] + i, Select(v11, wy1 * wx1, zero));
+    const float* xy = grid + 2 * i;
+    if (i + kLanes > count) {  // the last, partial group reads zeros past the end
+      std::memset(tail, 0, sizeof(tail));
+      std::memcpy(tail, xy, sizeof(float) * 2 * (count - i));
+      xy = tail;
+    }
+    VF gx, gy;
+    Deinterleave(xy, gx, gy);
+    const TapsV v = TapsVector<kPad, kAlign>(gx, gy, h, w);
+    for (int q = 0; q < 4; ++q) {
+      StoreV(t.off[q] + i, v.off[q]);
+      StoreV(t.w[q] + i, v.w[q]);
+    }
     if (kGradient) {
-      StoreV(t.m[0] + i, Select(v00, one, zero));
-      StoreV(t.m[1] + i, Select(v01, one, zero));
-      StoreV(t.m[2] + i, Select(v10, one, zero));
-      StoreV(t.m[3] + i, Select(v11, one, zero));
-      StoreV(t.wx0 + i, wx0);
-      StoreV(t.wx1 + i, wx1);
-      StoreV(t.wy0 + i, wy0);
-      StoreV(t.wy1 + i, wy1);
-      StoreV(t.dx + i, Select(finite, dx * Select(inx, one, zero), zero));
-      StoreV(t.dy + i, Select(finite, dy * Select(iny, one, zero), zero));
+      for (int q = 0; q < 4; ++q) StoreV(t.m[q] + i, Select(v.valid[q], one, zero));
+      StoreV(t.wx0 + i, v.wx0);
+      StoreV(t.wx1 + i, v.wx1);
+      StoreV(t.wy0 + i, v.wy0);
+      StoreV(t.wy1 + i, v.wy1);
+      StoreV(t.dx + i, v.dx);
+      StoreV(t.dy + i, v.dy);
+    }
+  }
+}
+
+// img[idx] for kLanes indices.
+STN_INLINE VF Gather(const float* img, VI idx) {
+#if defined(__AVX512F__)
+  __m512i i;
+  std::memcpy(&i, &idx, sizeof(i));
+  const __m512 r = _mm512_i32gather_ps(i, img, 4);
+  return LoadV<VF>(&r);
+#elif defined(__AVX2__)
+  __m256i lo, hi;
+  std::memcpy(&lo, &idx, sizeof(lo));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&idx) + sizeof(lo), sizeof(hi));
+  const __m256 r[2] = {_mm256_i32gather_ps(img, lo, 4), _mm256_i32gather_ps(img, hi, 4)};
+  return LoadV<VF>(r);
+#else
+  VF r;
+  for (int k = 0; k < kLanes; ++k) r[k] = img[idx[k]];
+  return r;
+#endif
+}
+
+// Forward of one channel, float32, zeros / border: taps and gathers in one pass, nothing
+// stored between them.
+template <int32_t kPad, bool kAlign>
+inline void ForwardFusedC1(const float* img, const float* grid, float* out, int64_t count,
+                           int64_t h, int64_t w) {
+  alignas(64) float tail[2 * kLanes];
+  for (int64_t i = 0; i < count; i += kLanes) {
+    const float* xy = grid + 2 * i;
+    const bool partial = i + kLanes > count;
+    if (partial) {
+      std::memset(tail, 0, sizeof(tail));
+      std::memcpy(tail, xy, sizeof(float) * 2 * (count - i));
+      xy = tail;
+    }
+    VF gx, gy;
+    Deinterleave(xy, gx, gy);
+    const TapsV v = TapsVector<kPad, kAlign>(gx, gy, h, w);
+    const VF o = v.w[0] * Gather(img, v.off[0]) + v.w[1] * Gather(img, v.off[1]) +
+                 v.w[2] * Gather(img, v.off[2]) + v.w[3] * Gather(img, v.off[3]);
+    if (partial) {
+      std::memcpy(out + i, &o, sizeof(float) * (count - i));
+    } else {
+      StoreV(out + i, o);
     }
   }
 }
@@ -313,8 +404,13 @@ void ForwardRange(const T* image, const T* grid, T* out, const Geometry& g, int6
     const int64_t stop = std::min({end, (b + 1) * g.n, p + kBlock});
     const int64_t count = stop - p;
     const T* img = image + b * pixels * c;
-    ComputeTaps<T, kPad, kAlign, false>(grid + 2 * p, count, g.h, g.w, t);
     T* o = out + p * c;
+    if constexpr (std::is_same_v<T, float> && kC == 1 && kPad != kReflection) {
+      ForwardFusedC1<kPad, kAlign>(img, grid + 2 * p, o, count, g.h, g.w);
+      p = stop;
+      continue;
+    }
+    ComputeTaps<T, kPad, kAlign, false>(grid + 2 * p, count, g.h, g.w, t);
     if (kC > 0) {
 #pragma omp simd
       for (int64_t i = 0; i < count; ++i) {
