@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 import tensorboardX
 
+from stn_jax import grids
 from stn_jax.data import pipeline
 from stn_jax.models import mnist
 from stn_jax.train import checkpoint
@@ -63,6 +64,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         >>> train_and_evaluate(config, "/tmp/run")["test_error_pct"]
     """
     start_time = time.time()
+    _check_model_names(config.model)
     mesh = steps.make_mesh()
     steps.check_divisible(config.train.batch_size, mesh, name="train.batch_size")
     steps.check_divisible(config.train.eval_batch_size, mesh, name="train.eval_batch_size")
@@ -194,6 +196,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  final["test_error_pct"], final["wall_time_s"],
                  os.path.join(workdir, "metrics.json"))
     return final
+
+
+def _check_model_names(model_config: ml_collections.ConfigDict) -> None:
+    """Fails on an unknown model or transform name before the data is loaded."""
+    if model_config.name not in mnist.MODEL_NAMES:
+        raise ValueError(f"model.name must be one of {mnist.MODEL_NAMES}, "
+                         f"got {model_config.name!r}")
+    if model_config.transform not in grids.KINDS:
+        raise ValueError(f"model.transform must be one of {grids.KINDS}, "
+                         f"got {model_config.transform!r}")
 
 
 def _draw(picture_fn, params, test_set: dict, count: int, *, title: str) -> np.ndarray:

@@ -72,7 +72,8 @@ def grid_outline(grid: np.ndarray) -> np.ndarray:
         grid: (H',W',2) normalised (x, y) input points, H', W' >= 2.
 
     Returns:
-        (2*(H'+W'), 2) points, clockwise from the top-left corner, in normalised coordinates.
+        (2*(H'+W'+2), 2) points (the edge pixel centres and the four extrapolated corners),
+        clockwise from the top-left corner, in normalised coordinates.
 
     Example:
         >>> grid = stn_jax.regular_grid((4, 4))  # identity: covers exactly [-1, 1]^2

@@ -91,10 +91,10 @@ def make_train_step(
             "loss": loss,
             "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
             "lr": schedule(state.step),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
                 # Checked with the loss, so that a finite loss whose update overflowed the
                 # parameters is caught before those parameters are ever saved.
-            "param_norm": optax.global_norm(params),
+            "param_norm": optax.tree.norm(params),
         }
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

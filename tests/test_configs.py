@@ -1,0 +1,125 @@
+"""Tests for configs/mnist_*.py: paper defaults, data fields, variants, locking, flags."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+import pytest
+
+from stn_jax.data import pipeline
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = {"mnist_r.py": "R", "mnist_rts.py": "RTS", "mnist_p.py": "P", "mnist_e.py": "E",
+           "mnist_tc.py": "TC"}
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name[:-3], ROOT / "configs" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_paper_defaults(name):
+    config = load(name).get_config()
+    distortion = CONFIGS[name]
+    assert config.data.to_dict() == dict(pipeline.default_data_config(distortion))
+    assert (config.model.name, config.model.transform) == ("st_cnn", "affine")
+    assert config.model.st_downsample == (2 if distortion in ("RTS", "TC") else 1)
+    train = config.train
+    assert (train.batch_size, train.learning_rate, train.momentum) == (256, 0.01, 0.0)
+    assert (train.lr_decay_every, train.lr_decay_factor, train.num_steps) == (50_000, 0.1, 150_000)
+    assert train.weight_decay == 0.0
+    assert config.runlocal is False
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_runlocal_shrinks_only_size_and_schedule(name):
+    paper, local = load(name).get_config(), load(name).get_config("runlocal=True")
+    expected = dict(pipeline.default_data_config(CONFIGS[name]), num_train=local.data.num_train)
+    assert local.data.to_dict() == expected
+    assert 0 < local.data.num_train <= 5000
+    assert local.train.num_steps * local.train.batch_size <= 200_000  # ~0.5% of the paper's work.
+    assert local.train.lr_decay_every < local.train.num_steps  # The schedule is scaled too.
+    assert local.model.to_dict() == paper.model.to_dict()
+    assert local.runlocal is True
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_file_documents_itself(name):
+    source = (ROOT / "configs" / name).read_text()
+    module = load(name)
+    assert f"python -m experiments.train --config=configs/{name}" in module.__doc__
+    assert "runlocal=True" in module.__doc__
+    assignments = [line for line in re.findall(r"^ +(?:config|data|model|train)\.\w+ = .*$",
+                                               source, re.M) if "ConfigDict()" not in line]
+    assert len(assignments) == len(_leaves(module.get_config().to_dict()))
+    assert [line for line in assignments if "  # " not in line] == []  # A comment per field.
+    assert re.findall(r"^(?:import|from) .*$", source, re.M) == ["import ml_collections"]
+
+
+def _leaves(tree: dict) -> list:
+    return [v for value in tree.values()
+            for v in (_leaves(value) if isinstance(value, dict) else [value])]
+
+
+def test_variants_and_their_errors():
+    module = load("mnist_rts.py")
+    config = module.get_config("model=cnn, transform=tps,runlocal=True")
+    assert (config.model.name, config.model.transform, config.runlocal) == ("cnn", "tps", True)
+    with pytest.raises(ValueError, match=r"'st_fcn'.*'st_cnn'"):
+        module.get_config("model=stcnn")
+    with pytest.raises(ValueError, match=r"'affine', 'projective', 'tps'"):
+        module.get_config("transform=similarity")
+    with pytest.raises(ValueError, match=r"'model', 'transform', 'runlocal'"):
+        module.get_config("modle=cnn")
+    with pytest.raises(ValueError, match=r"key=value"):
+        module.get_config("runlocal")
+
+
+def test_config_is_locked():
+    config = load("mnist_e.py").get_config()
+    with pytest.raises(AttributeError, match="num_steps"):  # "Did you mean num_steps?"
+        config.train.num_step = 10
+    config.train.num_steps = 10  # Existing fields stay settable.
+    assert config.train.num_steps == 10
+
+
+def _parse(argv):
+    values = flags.FlagValues()
+    holder = config_flags.DEFINE_config_file(
+        "config", None, "", flag_values=values, lock_config=True, sys_argv=argv
+    )
+    values(argv)
+    return holder.value
+
+
+def test_flag_overrides_and_typos():
+    path = str(ROOT / "configs" / "mnist_rts.py")
+    config = _parse(["prog", f"--config={path}:runlocal=True", "--config.train.num_steps=7"])
+    assert config.train.num_steps == 7 and config.runlocal is True
+    with pytest.raises(AttributeError, match="num_steps"):
+        _parse(["prog", f"--config={path}", "--config.train.num_step=7"])
+    with pytest.raises(flags.IllegalFlagValueError, match="num_steps"):
+        _parse(["prog", f"--config={path}", "--config.train.num_steps=7.5"])
+
+
+def test_entry_point_fails_on_typo_before_any_work(tmp_path):
+    workdir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.train", "--config=configs/mnist_rts.py:runlocal=True",
+         "--config.train.num_step=3", f"--workdir={workdir}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert result.returncode != 0
+    assert 'Did you mean "num_steps"' in result.stderr
+    assert not workdir.exists()

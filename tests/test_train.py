@@ -1,0 +1,247 @@
+"""Tests for stn_jax.train: schedule, optimiser, pictures, and short real training runs.
+
+The runs use the bundled digits, a mild rotation and tiny schedules so the file stays fast on
+two CPU cores; they still assert numbers that chance, a broken resume or a saved NaN cannot give.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from PIL import Image
+import pytest
+
+import stn_jax
+from stn_jax.data import pipeline
+from stn_jax.train import (
+    NonFiniteLossError,
+    learning_rate_schedule,
+    make_optimizer,
+    train_and_evaluate,
+)
+from stn_jax.train import metrics as metrics_lib
+from stn_jax.train import pictures
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def small_config(**overrides) -> ml_collections.ConfigDict:
+    """configs/mnist_r.py:runlocal=True on bundled digits, rotated by up to 30 degrees."""
+    spec = importlib.util.spec_from_file_location("mnist_r", ROOT / "configs" / "mnist_r.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("runlocal=True")
+    config.data.source = "bundled"
+    config.data.rotation_deg = 30.0
+    config.data.num_test = 500
+    config.train.eval_batch_size = 250
+    config.num_pictures = 4
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split("__")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return config
+
+
+def saved(workdir, step: int) -> list[np.ndarray]:
+    """The leaves of the TrainState saved at `step`, read back without a target."""
+    path = pathlib.Path(workdir) / "checkpoints" / str(step) / "default"
+    return jax.tree.leaves(ocp.StandardCheckpointer().restore(path))
+
+
+# ------------------------------------------------------------------------- small pieces
+
+
+def test_schedule_is_the_papers_step_decay():
+    cfg = ml_collections.ConfigDict(
+        dict(learning_rate=0.01, lr_decay_every=50_000, lr_decay_factor=0.1)
+    )
+    schedule = learning_rate_schedule(cfg)
+    for step, lr in [(0, 0.01), (49_999, 0.01), (50_000, 0.001), (100_000, 1e-4),
+                     (149_999, 1e-4)]:
+        np.testing.assert_allclose(float(schedule(step)), lr, rtol=1e-6)
+
+
+def test_optimizer_steps_by_hand():
+    cfg = ml_collections.ConfigDict(dict(learning_rate=0.5, lr_decay_every=2, lr_decay_factor=0.1,
+                                         momentum=0.9, weight_decay=0.01))
+    tx = make_optimizer(cfg)
+    params = {"w": jnp.array([1.0, -2.0])}
+    grad = {"w": jnp.array([0.3, 0.4])}
+    opt_state = tx.init(params)
+    velocity = np.zeros(2)
+    w = np.array([1.0, -2.0])
+    for step, lr in enumerate([0.5, 0.5, 0.05]):
+        velocity = 0.9 * velocity + (np.array([0.3, 0.4]) + 0.01 * w)  # L2 term uses w.
+        updates, opt_state = tx.update(grad, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        w = w - lr * velocity
+        np.testing.assert_allclose(params["w"], w, rtol=1e-6, err_msg=f"step {step}")
+    plain = make_optimizer(ml_collections.ConfigDict(
+        dict(learning_rate=0.1, lr_decay_every=10, lr_decay_factor=0.1, momentum=0.0,
+             weight_decay=0.0)))
+    updates, _ = plain.update(grad, plain.init(params), params)
+    np.testing.assert_allclose(updates["w"], [-0.03, -0.04], rtol=1e-6)
+
+
+def test_grid_outline_of_identity_and_zoom():
+    identity = np.asarray(stn_jax.regular_grid((4, 6)))
+    outline = pictures.grid_outline(identity)
+    assert outline.shape == (2 * (4 + 6 + 2), 2)
+    np.testing.assert_allclose(outline.min(0), [-1, -1], atol=1e-6)
+    np.testing.assert_allclose(outline.max(0), [1, 1], atol=1e-6)
+    np.testing.assert_allclose(outline[0], [-1, -1], atol=1e-6)  # Starts top-left.
+    half = pictures.grid_outline(0.5 * identity + 0.25)  # Zoom in on the lower right.
+    np.testing.assert_allclose(half.min(0), [-0.25, -0.25], atol=1e-6)
+    np.testing.assert_allclose(half.max(0), [0.75, 0.75], atol=1e-6)
+
+
+def test_render_draws_grid_where_it_reads():
+    images = np.zeros((3, 28, 28, 1), np.float32)
+    grids = np.broadcast_to(np.asarray(stn_jax.regular_grid((14, 14))) * 0.5, (3, 14, 14, 2))
+    picture = pictures.render(images, labels=np.array([1, 2, 3]), predictions=np.array([1, 2, 0]),
+                              outputs=np.ones((3, 14, 14, 1)), grids=grids, columns=3)
+    assert picture.dtype == np.uint8 and picture.ndim == 3 and picture.shape[2] == 3
+    scale = pictures.display_scale(28)
+    assert scale >= 4  # 28-pixel digits are upscaled to be readable.
+    assert picture.shape[1] > 3 * 2 * 28 * scale
+    red = (picture[..., 0] > 200) & (picture[..., 1] < 100)
+    rows, cols = np.nonzero(red[:, : picture.shape[1] // 3])  # The first tile.
+    # The outline of a half-size centred grid spans half the upscaled input (plus line width).
+    assert abs((cols.max() - cols.min()) - 14 * scale) <= 3
+    with pytest.raises(ValueError, match="grids"):
+        pictures.render(images, labels=[1, 2, 3], predictions=[1, 2, 3], outputs=images)
+
+
+def test_check_finite_names_the_step():
+    history = [(7, {"loss": 0.5, "param_norm": 3.0}), (8, {"loss": np.nan, "param_norm": 3.0})]
+    with pytest.raises(NonFiniteLossError, match=r"step 8 .*last good checkpoint \(step 6\)"):
+        metrics_lib.check_finite(history, last_checkpoint=6)
+    metrics_lib.check_finite(history[:1], last_checkpoint=None)
+    assert metrics_lib.format_duration(3725) == "1h02m"
+    assert metrics_lib.format_duration(65) == "1m05s"
+
+
+# ------------------------------------------------------------------------ training runs
+
+
+@pytest.mark.parametrize("model", ["cnn", "st_cnn"])
+def test_short_training_learns(tmp_path, model):
+    config = small_config(
+        model__name=model, train__batch_size=32, train__num_steps=120, log_every=40,
+        eval_every=120, checkpoint_every=120,
+    )
+    result = train_and_evaluate(config, str(tmp_path))
+    # Chance is 90% error; 120 steps of 32 bundled digits (lr 0.01, momentum 0.9) reach about
+    # 14% (CNN) and 16% (ST-CNN) here.
+    assert result["test_error_pct"] < 30.0, result["test_error_pct"]
+    assert result["steps"] == 120 and result["num_test"] == 500
+    assert result["data_source"] == "bundled"
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk["test_error_pct"] == pytest.approx(result["test_error_pct"])
+    assert on_disk["config"]["model"]["name"] == model
+
+
+def test_one_step_writes_checkpoint_metrics_picture_and_logs(tmp_path):
+    config = small_config(model__name="st_fcn", train__batch_size=8, train__num_steps=1,
+                          data__num_test=8, train__eval_batch_size=8)
+    result = train_and_evaluate(config, str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
+    leaves = saved(tmp_path, 1)
+    assert sum(leaf.size for leaf in leaves if leaf.ndim) >= result["num_params"]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("test_error_pct", "test_accuracy", "steps", "wall_time_s", "num_params",
+                "data_source", "config"):
+        assert key in metrics, key
+    assert metrics["steps"] == 1 and metrics["num_params"] > 10_000
+    assert metrics["test_error_pct"] == pytest.approx(100 * (1 - metrics["test_accuracy"]))
+    picture = Image.open(tmp_path / "pictures" / "step_000001.png")
+    assert picture.mode == "RGB" and picture.width > 4 * 2 * 28 * 4  # 4 tiles, 2 panels, 4x.
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tb"))
+
+
+def _kill_at(monkeypatch, step_to_kill: int):
+    original = pipeline.DistortedMNIST.train_batch
+
+    def train_batch(self, step, batch_size):
+        if step == step_to_kill:
+            os.kill(os.getpid(), signal.SIGTERM)  # The handler only sets a flag.
+        return original(self, step, batch_size)
+
+    monkeypatch.setattr(pipeline.DistortedMNIST, "train_batch", train_batch)
+
+
+def test_stop_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    # Momentum and an lr decay at step 3 make the optimiser state and the schedule matter.
+    def config(num_steps):
+        return small_config(model__name="fcn", train__batch_size=16, train__num_steps=num_steps,
+                            train__lr_decay_every=3, data__num_test=50, train__eval_batch_size=50,
+                            log_every=2, eval_every=100, checkpoint_every=100, num_pictures=0)
+
+    whole = train_and_evaluate(config(8), str(tmp_path / "whole"))
+    # Stopped after 4 steps, then asked for 8 on the same workdir.
+    train_and_evaluate(config(4), str(tmp_path / "extended"))
+    extended = train_and_evaluate(config(8), str(tmp_path / "extended"))
+    assert extended["resumed_from_step"] == 4
+    # SIGTERM while fetching batch 2: that step completes, step 3 is saved, the run returns.
+    handler = signal.getsignal(signal.SIGTERM)
+    with monkeypatch.context() as patch:
+        _kill_at(patch, 2)
+        preempted = train_and_evaluate(config(8), str(tmp_path / "preempted"))
+    assert preempted == {"preempted": True, "steps": 3}
+    assert os.listdir(tmp_path / "preempted" / "checkpoints") == ["3"]
+    assert not (tmp_path / "preempted" / "metrics.json").exists()
+    assert signal.getsignal(signal.SIGTERM) is handler  # The run's handler is gone again.
+    resumed = train_and_evaluate(config(8), str(tmp_path / "preempted"))
+    assert resumed["resumed_from_step"] == 3
+
+    reference = saved(tmp_path / "whole", 8)
+    for run in ("extended", "preempted"):
+        leaves = saved(tmp_path / run, 8)
+        assert len(leaves) == len(reference)
+        for a, b in zip(leaves, reference):
+            np.testing.assert_array_equal(a, b, err_msg=run)
+    assert extended["test_loss"] == resumed["test_loss"] == whole["test_loss"]
+
+
+def test_nan_stops_run_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    original = pipeline.DistortedMNIST.train_batch
+
+    def train_batch(self, step, batch_size):
+        batch = original(self, step, batch_size)
+        if step == 4:  # The 5th update sees a NaN image.
+            batch["image"] = batch["image"].copy()
+            batch["image"][0, 0, 0, 0] = np.nan
+        return batch
+
+    monkeypatch.setattr(pipeline.DistortedMNIST, "train_batch", train_batch)
+    # log_every=100: only the check before each save stands between the NaN and checkpoint 6.
+    config = small_config(model__name="fcn", train__batch_size=8, train__num_steps=10,
+                          data__num_test=8, train__eval_batch_size=8, log_every=100,
+                          eval_every=100, checkpoint_every=2, num_pictures=0)
+    with pytest.raises(NonFiniteLossError, match=r"step 5 .*last good checkpoint \(step 4\)"):
+        train_and_evaluate(config, str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints"), key=int) == ["2", "4"]
+    assert all(np.isfinite(leaf).all() for leaf in saved(tmp_path, 4))
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_huge_learning_rate_stops_before_any_checkpoint(tmp_path):
+    config = small_config(model__name="fcn", train__batch_size=8, train__num_steps=10,
+                          train__learning_rate=1e30, data__num_test=8,
+                          train__eval_batch_size=8, checkpoint_every=1, num_pictures=0)
+    with pytest.raises(NonFiniteLossError, match=r"at step [12] .*no checkpoint"):
+        train_and_evaluate(config, str(tmp_path))
+    assert os.listdir(tmp_path / "checkpoints") == []
