@@ -88,7 +88,7 @@ def get_config(arg=None):
     train.lr_decay_factor = 0.1  # The lr is multiplied by this at each decay [S].
     train.num_steps = 1500 if runlocal else 150_000  # Training steps [S].
     train.weight_decay = 0.0  # L2 weight decay [S: none].
-    train.eval_batch_size = 500  # Test batch; must divide by the device count like batch_size.
+    train.eval_batch_size = 512  # Test batch; like batch_size, a multiple of the device count.
 
     config.log_every = 100 if runlocal else 500  # Steps between console/TensorBoard training logs.
     config.eval_every = 500 if runlocal else 10_000  # Steps between evaluations and pictures.

@@ -214,6 +214,9 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
         for a, b in zip(leaves, reference):
             np.testing.assert_array_equal(a, b, err_msg=run)
     assert extended["test_loss"] == resumed["test_loss"] == whole["test_loss"]
+    again = train_and_evaluate(config(8), str(tmp_path / "whole"))  # A finished run: evaluate.
+    assert again["resumed_from_step"] == again["steps"] == 8
+    assert again["test_loss"] == whole["test_loss"]
 
 
 def test_nan_stops_run_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):

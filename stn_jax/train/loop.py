@@ -150,37 +150,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     result = None
     step = first_step
-    with _stop_on_sigterm() as stop:
-        while step < num_steps and not stop.is_set():
-            batch = dataset.train_batch(step, config.train.batch_size)
-            batch = jax.device_put(batch, batch_sharding)
-            state, step_metrics = train_step(state, batch, jax.random.fold_in(train_key, step))
-            step += 1
-            history.append((step, step_metrics))
-            done = step == num_steps
-            if step % config.log_every == 0 or done:
-                flush(step)
-            if step % config.eval_every == 0 or done:
-                flush(step)
-                result = evaluate_and_draw(step)
-            if step % config.checkpoint_every == 0 or done:
-                flush(step)
-                last_saved = checkpoint.save(manager, state)
-
-    flush(step)
-    if step < num_steps:  # Stopped by SIGTERM.
-        last_saved = checkpoint.save(manager, state)
+    try:
+        with _stop_on_sigterm() as stop:
+            while step < num_steps and not stop.is_set():
+                batch = dataset.train_batch(step, config.train.batch_size)
+                batch = jax.device_put(batch, batch_sharding)
+                state, step_metrics = train_step(state, batch, jax.random.fold_in(train_key, step))
+                step += 1
+                history.append((step, step_metrics))
+                done = step == num_steps
+                log_now = step % config.log_every == 0 or done
+                eval_now = step % config.eval_every == 0 or done
+                save_now = step % config.checkpoint_every == 0 or done
+                if log_now or eval_now or save_now:
+                    flush(step)  # Raises on a non-finite loss, so a bad state is never saved.
+                if eval_now:
+                    result = evaluate_and_draw(step)
+                if save_now:
+                    last_saved = checkpoint.save(manager, state)
+        flush(step)
+        if step < num_steps:  # Stopped by SIGTERM.
+            last_saved = checkpoint.save(manager, state)
+            logging.info("SIGTERM: saved step %d in %s; run the same command to resume.",
+                         last_saved, manager.directory)
+            return {"preempted": True, "steps": last_saved}
+        if result is None:  # Resumed from a finished run: nothing trained, evaluate again.
+            result = evaluate_and_draw(step)
+    finally:
         writer.close()
         checkpoint.close(manager)
-        logging.info("SIGTERM: saved step %d in %s; run the same command to resume.",
-                     last_saved, manager.directory)
-        return {"preempted": True, "steps": last_saved}
 
-    if result is None:  # Resumed from a finished run: nothing trained, evaluate again.
-        result = evaluate_and_draw(step)
-    checkpoint.save(manager, state)
-    checkpoint.close(manager)
-    writer.close()
     final = {
         **result,
         "steps": step,

@@ -157,7 +157,7 @@ def render(
     cell_w, cell_h = w * scale, h * scale
     margin = 0 if grids is None else max(cell_w, cell_h) // 5
     panels = 1 if outputs is None else 2
-    columns = columns or (8 if outputs is None else 4)
+    columns = min(columns or (8 if outputs is None else 4), n)
     rows = math.ceil(n / columns)
     tile_w = cell_w + 2 * margin + (panels - 1) * (cell_w + _PAD)
     tile_h = cell_h + 2 * margin + _TEXT_HEIGHT
