@@ -248,3 +248,14 @@ def test_huge_learning_rate_stops_before_any_checkpoint(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"at step [12] .*no checkpoint"):
         train_and_evaluate(config, str(tmp_path))
     assert os.listdir(tmp_path / "checkpoints") == []
+
+
+@pytest.mark.parametrize("field, value, valid", [
+    ("model__name", "stcnn", "'st_cnn'"),
+    ("model__transform", "similarity", "'projective'"),
+    ("data__source", "web", "'bundled'"),
+])
+def test_bad_names_fail_before_any_work(tmp_path, field, value, valid):
+    with pytest.raises(ValueError, match=valid):
+        train_and_evaluate(small_config(**{field: value}), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

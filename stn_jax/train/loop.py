@@ -68,10 +68,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = steps.make_mesh()
     steps.check_divisible(config.train.batch_size, mesh, name="train.batch_size")
     steps.check_divisible(config.train.eval_batch_size, mesh, name="train.eval_batch_size")
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
-
-    dataset = pipeline.DistortedMNIST(config.data, seed=config.seed)
+    dataset = pipeline.DistortedMNIST(config.data, seed=config.seed)  # Checks config.data.
     init_key, train_key = jax.random.split(jax.random.key(config.seed))
     model = mnist.create_model(
         config.model.name,
@@ -88,6 +85,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     tx = state_lib.make_optimizer(config.train)
     schedule = state_lib.learning_rate_schedule(config.train)
     state = jax.device_put(state_lib.create_train_state(params, tx), steps.replicated(mesh))
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
     manager = checkpoint.make_manager(workdir)
     restored = checkpoint.restore_latest(manager, state)
     if restored is not None:
