@@ -1,6 +1,6 @@
 r"""Distorted MNIST P (projective: scaled, corners moved; Sect. 4.1, Table 1).
 
-The paper's schedule (150k steps of batch 256; minutes on a GPU, many hours on a CPU):
+The paper's schedule (150k steps of batch 256, meant for an accelerator):
 
     python -m experiments.train --config=configs/mnist_p.py --workdir=/tmp/mnist_p
 

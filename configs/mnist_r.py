@@ -1,6 +1,6 @@
 r"""Distorted MNIST R (rotated by up to 90 degrees either way; Sect. 4.1, Table 1).
 
-The paper's schedule (150k steps of batch 256; minutes on a GPU, many hours on a CPU):
+The paper's schedule (150k steps of batch 256, meant for an accelerator):
 
     python -m experiments.train --config=configs/mnist_r.py --workdir=/tmp/mnist_r
 

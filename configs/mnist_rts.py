@@ -1,6 +1,6 @@
 r"""Distorted MNIST RTS (rotated, translated, scaled; Sect. 4.1, Table 1 of the paper).
 
-The paper's schedule (150k steps of batch 256; minutes on a GPU, many hours on a CPU):
+The paper's schedule (150k steps of batch 256, meant for an accelerator):
 
     python -m experiments.train --config=configs/mnist_rts.py --workdir=/tmp/mnist_rts
 

@@ -1,6 +1,6 @@
 r"""Distorted MNIST TC (translated, cluttered; Sect. 4.1, text of the paper).
 
-The paper's schedule (150k steps of batch 256; minutes on a GPU, many hours on a CPU):
+The paper's schedule (150k steps of batch 256, meant for an accelerator):
 
     python -m experiments.train --config=configs/mnist_tc.py --workdir=/tmp/mnist_tc
 
