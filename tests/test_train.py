@@ -121,6 +121,10 @@ def test_render_draws_grid_where_it_reads():
     rows, cols = np.nonzero(red[:, : picture.shape[1] // 3])  # The first tile.
     # The outline of a half-size centred grid spans half the upscaled input (plus line width).
     assert abs((cols.max() - cols.min()) - 14 * scale) <= 3
+    wild = np.full((3, 14, 14, 2), 1e30, np.float32)
+    wild[0, 0, 0] = np.nan
+    assert pictures.render(images, labels=[1, 2, 3], predictions=[1, 2, 3], outputs=images,
+                           grids=wild).shape == picture.shape
     with pytest.raises(ValueError, match="grids"):
         pictures.render(images, labels=[1, 2, 3], predictions=[1, 2, 3], outputs=images)
 

@@ -98,6 +98,8 @@ def _to_display(points: np.ndarray, in_hw: tuple[int, int], scale: int, offset: 
     h, w = in_hw
     x = offset + (points[..., 0] + 1.0) * 0.5 * w * scale
     y = offset + (points[..., 1] + 1.0) * 0.5 * h * scale
+    # A wild transformer (huge or non-finite grid) must not break the picture of it.
+    x, y = (np.clip(np.nan_to_num(v), -1e4, 1e4) for v in (x, y))
     return list(zip(x.tolist(), y.tolist()))
 
 
