@@ -12,7 +12,8 @@ Implementations: ``stn_jax`` (``bilinear_sample``, method "auto", plus any force
 with ``--methods``), ``map_coordinates`` (``jax.scipy.ndimage.map_coordinates``, order 1, zeros
 outside, autodiff; vmapped over batch and channels) and ``torch`` (``grid_sample``, NCHW,
 bilinear, zeros, align_corners=False) when torch is importable. JAX functions are jitted and
-synchronised with ``block_until_ready``. The implementations take turns inside each repeat, so
+synchronised with ``block_until_ready``. ``--grids attention`` uses axis-aligned attention grids (eq. 2) instead, where
+``method="separable"`` applies. The implementations take turns inside each repeat, so
 a burst of load from other processes hits all of them alike; the reported time is the median
 over the repeats after warm-up, and ratios are to torch's median in the same run.
 
@@ -25,6 +26,7 @@ Usage::
   python scripts/benchmark_sampler.py                       # all shapes, 20 repeats
   python scripts/benchmark_sampler.py --shapes 256x28x28x1-28x28 --repeats 5 --json /tmp/s.json
   python scripts/benchmark_sampler.py --methods gather,native --no-map-coordinates
+  python scripts/benchmark_sampler.py --grids attention --methods gather,separable
 """
 
 from __future__ import annotations
@@ -79,12 +81,21 @@ def random_theta(rng: np.random.Generator, batch: int) -> np.ndarray:
     return np.concatenate([a, t], axis=-1).astype(np.float32)
 
 
-def make_data(shape, out_shape, seed: int = 0):
+def random_attention(rng: np.random.Generator, batch: int) -> np.ndarray:
+    """(B, 3) attention parameters (s, tx, ty): zoom 0.5-1.2, shift +-0.3 (axis-aligned grids)."""
+    scale = rng.uniform(0.5, 1.2, (batch, 1))
+    shift = rng.uniform(-0.3, 0.3, (batch, 2))
+    return np.concatenate([scale, shift], axis=1).astype(np.float32)
+
+
+def make_data(shape, out_shape, seed: int = 0, grids: str = "affine"):
     rng = np.random.default_rng(seed)
     b, h, w, c = shape
     image = rng.standard_normal(shape, dtype=np.float32)
-    theta = random_theta(rng, b)
-    grid = np.array(stn_jax.affine_grid(jnp.asarray(theta), out_shape))
+    if grids == "attention":
+        grid = np.array(stn_jax.attention_grid(jnp.asarray(random_attention(rng, b)), out_shape))
+    else:
+        grid = np.array(stn_jax.affine_grid(jnp.asarray(random_theta(rng, b)), out_shape))
     cot = rng.standard_normal((b,) + tuple(out_shape) + (c,), dtype=np.float32)
     return image, grid, cot
 
@@ -221,8 +232,8 @@ def max_abs_diff(built) -> dict[str, float]:
     return {name: float(np.max(np.abs(out - ref))) for name, out in outs.items()}
 
 
-def bench_shape(shape, out_shape, impls, repeats, warmup):
-    image, grid, cot = make_data(shape, out_shape)
+def bench_shape(shape, out_shape, impls, repeats, warmup, grids="affine"):
+    image, grid, cot = make_data(shape, out_shape, grids=grids)
     built = {name: build(image, grid, cot) for name, build in impls.items()}
     io_bytes = image.nbytes + grid.nbytes + cot.nbytes  # cot has the output's size
     diffs = max_abs_diff(built)
@@ -301,6 +312,9 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs of each function first")
     parser.add_argument("--methods", default="",
                         help="extra forced stn_jax methods to time beside 'auto', comma-separated")
+    parser.add_argument("--grids", choices=("affine", "attention"), default="affine",
+                        help="random affine grids, or axis-aligned attention grids (eq. 2) on "
+                        "which method 'separable' applies")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
     parser.add_argument("--no-map-coordinates", action="store_true", help="skip map_coordinates")
     parser.add_argument("--no-torch", action="store_true", help="skip torch even if importable")
@@ -323,7 +337,7 @@ def main(argv=None) -> int:
     rows = []
     start = time.perf_counter()
     for shape, out_shape in args.shapes:
-        shape_rows = bench_shape(shape, out_shape, impls, args.repeats, args.warmup)
+        shape_rows = bench_shape(shape, out_shape, impls, args.repeats, args.warmup, args.grids)
         rows.extend(shape_rows)
         print(format_table(shape_rows), flush=True)
         print(flush=True)
@@ -336,7 +350,8 @@ def main(argv=None) -> int:
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": info, "repeats": args.repeats, "warmup": args.warmup,
+            json.dump({"machine": info, "grids": args.grids, "repeats": args.repeats,
+                       "warmup": args.warmup,
                        "elapsed_s": elapsed, "results": rows}, f, indent=1)
         print(f"# wrote {args.json}")
     return 0
