@@ -352,30 +352,42 @@ STN_INLINE VF Gather(const float* img, VI idx) {
 #endif
 }
 
-// Forward of one channel, float32, zeros / border: taps and gathers in one pass, nothing
-// stored between them.
-template <int32_t kPad, bool kAlign>
-inline void ForwardFusedC1(const float* img, const float* grid, float* out, int64_t count,
-                           int64_t h, int64_t w) {
+// Forward of kC (small) channels, float32, zeros / border: taps and gathers in one pass,
+// nothing stored between them.
+template <int32_t kPad, bool kAlign, int kC>
+inline void ForwardFused(const float* img, const float* grid, float* out, int64_t count,
+                         int64_t h, int64_t w) {
   alignas(64) float tail[2 * kLanes];
+  alignas(64) float buf[kLanes * kC];
   for (int64_t i = 0; i < count; i += kLanes) {
     const float* xy = grid + 2 * i;
-    const bool partial = i + kLanes > count;
-    if (partial) {
+    const int64_t n = std::min<int64_t>(kLanes, count - i);
+    if (n < kLanes) {  // the last, partial group reads zeros past the end
       std::memset(tail, 0, sizeof(tail));
-      std::memcpy(tail, xy, sizeof(float) * 2 * (count - i));
+      std::memcpy(tail, xy, sizeof(float) * 2 * n);
       xy = tail;
     }
     VF gx, gy;
     Deinterleave(xy, gx, gy);
     const TapsV v = TapsVector<kPad, kAlign>(gx, gy, h, w);
-    const VF o = v.w[0] * Gather(img, v.off[0]) + v.w[1] * Gather(img, v.off[1]) +
-                 v.w[2] * Gather(img, v.off[2]) + v.w[3] * Gather(img, v.off[3]);
-    if (partial) {
-      std::memcpy(out + i, &o, sizeof(float) * (count - i));
-    } else {
-      StoreV(out + i, o);
+    if (kC == 1) {
+      const VF o = v.w[0] * Gather(img, v.off[0]) + v.w[1] * Gather(img, v.off[1]) +
+                   v.w[2] * Gather(img, v.off[2]) + v.w[3] * Gather(img, v.off[3]);
+      if (n < kLanes) {
+        std::memcpy(out + i, &o, sizeof(float) * n);
+      } else {
+        StoreV(out + i, o);
+      }
+      continue;
     }
+    VI off[4];
+    for (int q = 0; q < 4; ++q) off[q] = v.off[q] * kC;
+    for (int k = 0; k < kC; ++k) {
+      const VF o = v.w[0] * Gather(img + k, off[0]) + v.w[1] * Gather(img + k, off[1]) +
+                   v.w[2] * Gather(img + k, off[2]) + v.w[3] * Gather(img + k, off[3]);
+      for (int l = 0; l < kLanes; ++l) buf[l * kC + k] = o[l];
+    }
+    std::memcpy(out + i * kC, buf, sizeof(float) * n * kC);
   }
 }
 
@@ -406,7 +418,7 @@ void ForwardRange(const T* image, const T* grid, T* out, const Geometry& g, int6
     const T* img = image + b * pixels * c;
     T* o = out + p * c;
     if constexpr (std::is_same_v<T, float> && kC == 1 && kPad != kReflection) {
-      ForwardFusedC1<kPad, kAlign>(img, grid + 2 * p, o, count, g.h, g.w);
+      ForwardFused<kPad, kAlign, kC>(img, grid + 2 * p, o, count, g.h, g.w);
       p = stop;
       continue;
     }
