@@ -13,9 +13,10 @@ with ``--methods``), ``map_coordinates`` (``jax.scipy.ndimage.map_coordinates``,
 outside, autodiff; vmapped over batch and channels) and ``torch`` (``grid_sample``, NCHW,
 bilinear, zeros, align_corners=False) when torch is importable. JAX functions are jitted and
 synchronised with ``block_until_ready``. ``--grids attention`` uses axis-aligned attention grids (eq. 2) instead, where
-``method="separable"`` applies. The implementations take turns inside each repeat, so
-a burst of load from other processes hits all of them alike; the reported time is the median
-over the repeats after warm-up, and ratios are to torch's median in the same run.
+``method="separable"`` applies. The implementations take turns (an untimed call, then
+``--block`` timed calls each), so a burst of load from other processes hits all of them alike;
+the reported time is the median over the repeats after warm-up, and ratios are to torch's
+median in the same run.
 
 Peak memory: for JAX, XLA's buffer assignment of the compiled function (arguments + outputs +
 temporaries, ``compiled.memory_analysis()``), also given as a multiple of the bytes of
@@ -204,17 +205,26 @@ def torch_available() -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def time_interleaved(fns: dict[str, Callable], repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Runs every function `warmup` times, then `repeats` rounds in which each runs once."""
+def time_interleaved(fns: dict[str, Callable], repeats: int, warmup: int,
+                     block: int = 5) -> dict[str, list[float]]:
+    """Runs every function `warmup` times, then rounds in which each function in turn runs one
+    untimed call and `block` timed calls, until each has `repeats` timings.
+
+    Taking turns spreads bursts of load from other processes over all functions; the untimed
+    call and the blocks keep one runtime's worker threads (torch's OpenMP threads spin for a
+    while after each call) from stealing the cores from the call timed right after it.
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in fns}
-    for _ in range(repeats):
+    while min(len(t) for t in times.values()) < repeats:
         for name, fn in fns.items():
-            start = time.perf_counter()
             fn()
-            times[name].append(time.perf_counter() - start)
+            for _ in range(block):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
     return times
 
 
@@ -232,14 +242,14 @@ def max_abs_diff(built) -> dict[str, float]:
     return {name: float(np.max(np.abs(out - ref))) for name, out in outs.items()}
 
 
-def bench_shape(shape, out_shape, impls, repeats, warmup, grids="affine"):
+def bench_shape(shape, out_shape, impls, repeats, warmup, grids="affine", block=5):
     image, grid, cot = make_data(shape, out_shape, grids=grids)
     built = {name: build(image, grid, cot) for name, build in impls.items()}
     io_bytes = image.nbytes + grid.nbytes + cot.nbytes  # cot has the output's size
     diffs = max_abs_diff(built)
     rows = []
     for mode, pos in (("fwd", 0), ("fwd+bwd", 1)):
-        times = time_interleaved({n: b[pos] for n, b in built.items()}, repeats, warmup)
+        times = time_interleaved({n: b[pos] for n, b in built.items()}, repeats, warmup, block)
         medians = {n: statistics.median(t) for n, t in times.items()}
         for name in built:
             mem = built[name][2][mode]
@@ -310,6 +320,8 @@ def main(argv=None) -> int:
                         help="comma-separated BxHxWxC-H'xW' (default: the six of issue 2)")
     parser.add_argument("--repeats", type=int, default=20, help="timed rounds per shape and mode")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs of each function first")
+    parser.add_argument("--block", type=int, default=5,
+                        help="timed calls in a row per turn (1: strict alternation)")
     parser.add_argument("--methods", default="",
                         help="extra forced stn_jax methods to time beside 'auto', comma-separated")
     parser.add_argument("--grids", choices=("affine", "attention"), default="affine",
@@ -337,7 +349,8 @@ def main(argv=None) -> int:
     rows = []
     start = time.perf_counter()
     for shape, out_shape in args.shapes:
-        shape_rows = bench_shape(shape, out_shape, impls, args.repeats, args.warmup, args.grids)
+        shape_rows = bench_shape(shape, out_shape, impls, args.repeats, args.warmup, args.grids,
+                                 args.block)
         rows.extend(shape_rows)
         print(format_table(shape_rows), flush=True)
         print(flush=True)
@@ -351,7 +364,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": info, "grids": args.grids, "repeats": args.repeats,
-                       "warmup": args.warmup,
+                       "warmup": args.warmup, "block": args.block,
                        "elapsed_s": elapsed, "results": rows}, f, indent=1)
         print(f"# wrote {args.json}")
     return 0

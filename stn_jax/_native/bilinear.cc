@@ -590,9 +590,12 @@ void BackwardRange(const T* image, const T* grid, const T* cot, T* d_image, T* d
   }
 }
 
-// Runs fn(begin, end) over [0, total) split into chunks of at least min_chunk, on up to
-// num_threads tasks of the pool that take chunks from a shared counter (so a task slowed by
-// other load on the machine takes fewer); returns a future that completes with the last task.
+// Runs fn(begin, end) over [0, total) split into chunks of at least min_chunk, on the caller
+// and up to num_threads - 1 tasks of the pool, all taking chunks from a shared counter; returns
+// a future that completes with the last chunk. The count is of chunks, not of tasks: if the
+// machine is busy and a scheduled task does not get a core, the caller does its chunks and the
+// late task, when it runs, finds nothing left (it then touches no buffer). So a descheduled
+// worker never holds the result back, unlike a fork-join barrier.
 template <typename F>
 ffi::Future ParallelFor(ffi::ThreadPool& pool, int64_t total, int64_t min_chunk, F fn) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
@@ -600,14 +603,14 @@ ffi::Future ParallelFor(ffi::ThreadPool& pool, int64_t total, int64_t min_chunk,
       std::max<int64_t>(1, std::min<int64_t>(4 * threads, total / std::max<int64_t>(1, min_chunk)));
   const int64_t tasks = std::min(threads, chunks);
   const int64_t step = (total + chunks - 1) / chunks;
-  ffi::CountDownPromise done(tasks);
+  ffi::CountDownPromise done(chunks);
   ffi::Future future(done);
   auto next = std::make_shared<std::atomic<int64_t>>(0);
   auto work = [fn, next, total, step, chunks, done]() mutable {
     for (int64_t i = next->fetch_add(1); i < chunks; i = next->fetch_add(1)) {
       fn(std::min(total, i * step), std::min(total, (i + 1) * step));
+      done.CountDown();
     }
-    done.CountDown();
   };
   for (int64_t i = 1; i < tasks; ++i) pool.Schedule(decltype(work)(work));
   work();  // the caller's own share runs inline
