@@ -352,13 +352,14 @@ STN_INLINE VF Gather(const float* img, VI idx) {
 #endif
 }
 
-// Forward of kC (small) channels, float32, zeros / border: taps and gathers in one pass,
-// nothing stored between them.
-template <int32_t kPad, bool kAlign, int kC>
-inline void ForwardFused(const float* img, const float* grid, float* out, int64_t count,
-                         int64_t h, int64_t w) {
+// Forward of one channel, float32, zeros / border: taps and gathers in one pass, nothing
+// stored between them. (The same for three channels, with stride-3 gathers and the channels
+// interleaved lane by lane, was slower than the block-wise loop below; so was fusing the
+// backward, whose scatter-add bounds it.)
+template <int32_t kPad, bool kAlign>
+inline void ForwardFusedC1(const float* img, const float* grid, float* out, int64_t count,
+                           int64_t h, int64_t w) {
   alignas(64) float tail[2 * kLanes];
-  alignas(64) float buf[kLanes * kC];
   for (int64_t i = 0; i < count; i += kLanes) {
     const float* xy = grid + 2 * i;
     const int64_t n = std::min<int64_t>(kLanes, count - i);
@@ -370,80 +371,12 @@ inline void ForwardFused(const float* img, const float* grid, float* out, int64_
     VF gx, gy;
     Deinterleave(xy, gx, gy);
     const TapsV v = TapsVector<kPad, kAlign>(gx, gy, h, w);
-    if (kC == 1) {
-      const VF o = v.w[0] * Gather(img, v.off[0]) + v.w[1] * Gather(img, v.off[1]) +
-                   v.w[2] * Gather(img, v.off[2]) + v.w[3] * Gather(img, v.off[3]);
-      if (n < kLanes) {
-        std::memcpy(out + i, &o, sizeof(float) * n);
-      } else {
-        StoreV(out + i, o);
-      }
-      continue;
-    }
-    VI off[4];
-    for (int q = 0; q < 4; ++q) off[q] = v.off[q] * kC;
-    for (int k = 0; k < kC; ++k) {
-      const VF o = v.w[0] * Gather(img + k, off[0]) + v.w[1] * Gather(img + k, off[1]) +
-                   v.w[2] * Gather(img + k, off[2]) + v.w[3] * Gather(img + k, off[3]);
-      for (int l = 0; l < kLanes; ++l) buf[l * kC + k] = o[l];
-    }
-    std::memcpy(out + i * kC, buf, sizeof(float) * n * kC);
-  }
-}
-
-// Backward of one channel, float32, zeros / border, for the n points of one image: the grid
-// gradient (eq. 7) with the taps gathered once, then the scatter-add (eq. 6) lane by lane.
-template <int32_t kPad, bool kAlign>
-inline void BackwardFusedC1(const float* img, const float* grid, const float* cot, float* dimg,
-                            float* dgrid, int64_t n, int64_t h, int64_t w) {
-  alignas(64) float tail[2 * kLanes];
-  alignas(64) float ctail[kLanes];
-  alignas(64) float dg[2 * kLanes];
-  alignas(64) int32_t offs[4][kLanes];
-  alignas(64) float upd[4][kLanes];
-  const VF zero = VF{};
-  for (int64_t i = 0; i < n; i += kLanes) {
-    const int64_t m = std::min<int64_t>(kLanes, n - i);
-    const float* xy = grid + 2 * i;
-    const float* ct = cot + i;
-    if (m < kLanes) {  // the last, partial group reads zeros past the end
-      std::memset(tail, 0, sizeof(tail));
-      std::memcpy(tail, xy, sizeof(float) * 2 * m);
-      xy = tail;
-      std::memset(ctail, 0, sizeof(ctail));
-      std::memcpy(ctail, ct, sizeof(float) * m);
-      ct = ctail;
-    }
-    VF gx, gy;
-    Deinterleave(xy, gx, gy);
-    const TapsV v = TapsVector<kPad, kAlign>(gx, gy, h, w);
-    const VF c = LoadV<VF>(ct);
-    const VF v00 = Select(v.valid[0], Gather(img, v.off[0]), zero);
-    const VF v01 = Select(v.valid[1], Gather(img, v.off[1]), zero);
-    const VF v10 = Select(v.valid[2], Gather(img, v.off[2]), zero);
-    const VF v11 = Select(v.valid[3], Gather(img, v.off[3]), zero);
-    const VF ddx = c * (v.wy0 * (v01 - v00) + v.wy1 * (v11 - v10)) * v.dx;
-    const VF ddy = c * (v.wx0 * (v10 - v00) + v.wx1 * (v11 - v01)) * v.dy;
-#if defined(__clang__)
-    const VF lo = __builtin_shufflevector(ddx, ddy, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-    const VF hi = __builtin_shufflevector(ddx, ddy, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-#else
-    const VF lo = __builtin_shuffle(ddx, ddy, VI{0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23});
-    const VF hi = __builtin_shuffle(ddx, ddy, VI{8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31});
-#endif
-    StoreV(dg, lo);
-    StoreV(dg + kLanes, hi);
-    std::memcpy(dgrid + 2 * i, dg, sizeof(float) * 2 * m);
-    for (int q = 0; q < 4; ++q) {
-      StoreV(offs[q], v.off[q]);
-      StoreV(upd[q], v.w[q] * c);
-    }
-    // Sequential: taps of different points collide.
-    for (int64_t l = 0; l < m; ++l) {
-      dimg[offs[0][l]] += upd[0][l];
-      dimg[offs[1][l]] += upd[1][l];
-      dimg[offs[2][l]] += upd[2][l];
-      dimg[offs[3][l]] += upd[3][l];
+    const VF o = v.w[0] * Gather(img, v.off[0]) + v.w[1] * Gather(img, v.off[1]) +
+                 v.w[2] * Gather(img, v.off[2]) + v.w[3] * Gather(img, v.off[3]);
+    if (n < kLanes) {
+      std::memcpy(out + i, &o, sizeof(float) * n);
+    } else {
+      StoreV(out + i, o);
     }
   }
 }
@@ -475,7 +408,7 @@ void ForwardRange(const T* image, const T* grid, T* out, const Geometry& g, int6
     const T* img = image + b * pixels * c;
     T* o = out + p * c;
     if constexpr (std::is_same_v<T, float> && kC == 1 && kPad != kReflection) {
-      ForwardFused<kPad, kAlign, kC>(img, grid + 2 * p, o, count, g.h, g.w);
+      ForwardFusedC1<kPad, kAlign>(img, grid + 2 * p, o, count, g.h, g.w);
       p = stop;
       continue;
     }
@@ -519,11 +452,6 @@ void BackwardRange(const T* image, const T* grid, const T* cot, T* d_image, T* d
     const T* img = image + b * pixels * c;
     T* dimg = d_image + b * pixels * c;
     std::memset(dimg, 0, sizeof(T) * pixels * c);
-    if constexpr (std::is_same_v<T, float> && kC == 1 && kPad != kReflection) {
-      BackwardFusedC1<kPad, kAlign>(img, grid + 2 * b * g.n, cot + b * g.n, dimg,
-                                    d_grid + 2 * b * g.n, g.n, g.h, g.w);
-      continue;
-    }
     for (int64_t p = b * g.n; p < (b + 1) * g.n;) {
       const int64_t count = std::min((b + 1) * g.n - p, kBlock);
       ComputeTaps<T, kPad, kAlign, true>(grid + 2 * p, count, g.h, g.w, t);
