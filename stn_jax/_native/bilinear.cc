@@ -94,9 +94,11 @@ inline Coord<T> SourceCoord(T g, int64_t size) {
   return Clamp(c, T(0), T(size - 1));
 }
 
-// Points are processed in blocks: a first loop computes the taps of the whole block into
-// structure-of-arrays buffers (branch-free, no calls outside the reflection mode, so the
-// compiler vectorises it), a second reads or writes the image.
+// Points are processed in blocks of kBlock: a first loop computes the taps of the whole block
+// into structure-of-arrays buffers (ComputeTapsVector for float32 in zeros / border mode, 16
+// points per step; the scalar loop below for float64 and the reflection mode, whose fmod has
+// no vector form), a second loop reads the image (vectorised over points with gathers for a
+// compile-time channel count) or scatter-adds into its gradient.
 constexpr int64_t kBlock = 256;
 
 template <typename T>
@@ -132,8 +134,8 @@ inline void ComputeTapsScalar(const T* grid, int64_t count, int64_t h, int64_t w
     const T x0f = std::floor(x), y0f = std::floor(y);
     const T wx1 = x - x0f, wy1 = y - y0f;
     const T wx0 = T(1) - wx1, wy0 = T(1) - wy1;
-    // Validity and clamping in floating point (x0f is an integer, |x0f| <= 2^21 after the
-    // clamps above): integer compares and min/max stop the vectoriser.
+    // Validity and clamping in floating point, as in TapsVector (x0f is an integer in
+    // [-2, size + 1] after the clamps above, so every comparison is exact).
     const T wf = T(w), hf = T(h);
     const bool vx0 = (x0f >= T(0)) & (x0f < wf), vx1 = (x0f >= T(-1)) & (x0f < wf - T(1));
     const bool vy0 = (y0f >= T(0)) & (y0f < hf) & finite;
@@ -165,10 +167,11 @@ inline void ComputeTapsScalar(const T* grid, int64_t count, int64_t h, int64_t w
 }
 
 // The same computation for float32 in zeros / border mode, written with GCC/Clang vector
-// extensions, kLanes points at a time (auto-vectorisation of the scalar loop fails on its
-// selects and conversions). Every operation and its order are those of the scalar code, so the
-// results are bitwise identical; floor and round-to-nearest are built from conversions, which
-// are exact in the ranges where they are used (see below).
+// extensions, kLanes points at a time (GCC does not vectorise the scalar loop: its selects
+// and float/int conversions defeat it). The operations and their order are those of the scalar
+// code, so the results are the same up to the sign of a zero weight; floor and
+// round-to-nearest are built from conversions, which are exact in the ranges where they are
+// used (see below).
 constexpr int kLanes = 16;
 // Everything on vectors is force-inlined: a call would pass them (and TapsV) through memory.
 #define STN_INLINE inline __attribute__((always_inline))
