@@ -24,7 +24,7 @@
 #include <memory>
 #include <type_traits>
 
-#if defined(__AVX2__) || defined(__AVX512F__)
+#if defined(__AVX__)
 #include <immintrin.h>
 #endif
 
@@ -178,24 +178,70 @@ constexpr int kLanes = 16;
 typedef float VF __attribute__((vector_size(4 * kLanes)));
 typedef int32_t VI __attribute__((vector_size(4 * kLanes)));
 
+typedef uint32_t VU __attribute__((vector_size(4 * kLanes)));
+
+template <typename V>
+STN_INLINE V LoadV(const void* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V>
+STN_INLINE void StoreV(void* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+
 STN_INLINE VF Select(VI mask, VF a, VF b) { return mask ? a : b; }
+STN_INLINE VI ClampI(VI i, VI hi) {
+  const VI lo = i < 0 ? VI{} : i;
+  return lo > hi ? hi : lo;
+}
 STN_INLINE VF Fabs(VF x) { return (VF)((VI)x & 0x7fffffff); }
 STN_INLINE VF ToFloat(VI i) { return __builtin_convertvector(i, VF); }
 STN_INLINE VI ToInt(VF x) { return __builtin_convertvector(x, VI); }  // truncates
 
-// floor for |x| < 2^31 (callers clamp x to a few pixels beyond the image first).
+#if defined(__AVX__)
+// Rounding with the CPU's round instruction (mode: _MM_FROUND_*).
+template <int kMode>
+STN_INLINE VF RoundV(VF x) {
+#if defined(__AVX512F__)
+  __m512 v;
+  std::memcpy(&v, &x, sizeof(v));
+  v = _mm512_roundscale_ps(v, kMode | _MM_FROUND_NO_EXC);
+  return LoadV<VF>(&v);
+#else
+  __m256 v[2];
+  std::memcpy(v, &x, sizeof(v));
+  v[0] = _mm256_round_ps(v[0], kMode | _MM_FROUND_NO_EXC);
+  v[1] = _mm256_round_ps(v[1], kMode | _MM_FROUND_NO_EXC);
+  return LoadV<VF>(v);
+#endif
+}
+#endif
+
+// floor (portable form for |x| < 2^31; callers clamp x to a few pixels beyond the image first).
 STN_INLINE VF Floor(VF x) {
+#if defined(__AVX__)
+  return RoundV<_MM_FROUND_TO_NEG_INF>(x);
+#else
   const VF t = ToFloat(ToInt(x));
   return t - Select(t > x, VF{} + 1.0f, VF{});
+#endif
 }
 
-// Round half to even: exact for |x| < 2^22 by the 1.5 * 2^23 trick; larger floats are within
-// 0.5 of an integer only if they are integers or halves, where the snap below never applies
-// (its tolerance is far below 0.5), so x itself serves.
+// Round half to even. Portable form: exact for |x| < 2^22 by the 1.5 * 2^23 trick; larger
+// floats are within 0.5 of an integer only if they are integers or halves, where the snap
+// below never applies (its tolerance is far below 0.5), so x itself serves.
 STN_INLINE VF Nearest(VF x) {
+#if defined(__AVX__)
+  return RoundV<_MM_FROUND_TO_NEAREST_INT>(x);
+#else
   const VF magic = VF{} + 12582912.0f;
   const VF r = (x + magic) - magic;
   return Select(Fabs(x) < 4194304.0f, r, x);
+#endif
 }
 
 STN_INLINE VF ClampV(VF x, VI& inside, float lo, float hi) {
@@ -226,18 +272,6 @@ STN_INLINE VF SourceCoordV(VF g, int64_t size, VF& deriv) {
   return x;
 }
 
-template <typename V>
-STN_INLINE V LoadV(const void* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-
-template <typename V>
-STN_INLINE void StoreV(void* p, V v) {
-  std::memcpy(p, &v, sizeof(V));
-}
-
 // The taps of kLanes points, as ComputeTapsScalar computes them one by one.
 struct TapsV {
   VI off[4];    // y0x0, y0x1, y1x0, y1x1 pixel offsets, clamped into the image
@@ -250,7 +284,6 @@ struct TapsV {
 template <int32_t kPad, bool kAlign>
 STN_INLINE TapsV TapsVector(VF gx, VF gy, int64_t h, int64_t w) {
   const float big = std::numeric_limits<float>::max();
-  const float wf = float(w), hf = float(h);
   const VF one = VF{} + 1.0f, zero = VF{};
   TapsV t;
   const VI finite = (Fabs(gx) <= big) & (Fabs(gy) <= big);
@@ -268,19 +301,20 @@ STN_INLINE TapsV TapsVector(VF gx, VF gy, int64_t h, int64_t w) {
   t.wy1 = y - y0f;
   t.wx0 = one - t.wx1;
   t.wy0 = one - t.wy1;
-  const VI vx0 = (x0f >= 0.0f) & (x0f < wf), vx1 = (x0f >= -1.0f) & (x0f < wf - 1.0f);
-  const VI vy0 = (y0f >= 0.0f) & (y0f < hf) & finite;
-  const VI vy1 = (y0f >= -1.0f) & (y0f < hf - 1.0f) & finite;
-  const VF x1f = x0f + 1.0f, y1f = y0f + 1.0f;
-  const VF wmax = zero + (wf - 1.0f), hmax = zero + (hf - 1.0f);
-  const VI cx0 = ToInt(Select(x0f < 0.0f, zero, Select(x0f > wmax, wmax, x0f)));
-  const VI cx1 = ToInt(Select(x1f < 0.0f, zero, Select(x1f > wmax, wmax, x1f)));
-  const VI cy0 = ToInt(Select(y0f < 0.0f, zero, Select(y0f > hmax, hmax, y0f))) * int32_t(w);
-  const VI cy1 = ToInt(Select(y1f < 0.0f, zero, Select(y1f > hmax, hmax, y1f))) * int32_t(w);
-  t.off[0] = cy0 + cx0;
-  t.off[1] = cy0 + cx1;
-  t.off[2] = cy1 + cx0;
-  t.off[3] = cy1 + cx1;
+  // Integer taps; x0f, y0f are in [-2, size + 1], so the conversions are exact. A tap is valid
+  // if 0 <= i < size, one unsigned comparison.
+  const VI ix0 = ToInt(x0f), iy0 = ToInt(y0f);
+  const VU wu = VU{} + uint32_t(w), hu = VU{} + uint32_t(h);
+  const VI vx0 = (VU)ix0 < wu, vx1 = (VU)(ix0 + 1) < wu;
+  const VI vy0 = ((VU)iy0 < hu) & finite, vy1 = ((VU)(iy0 + 1) < hu) & finite;
+  // Offsets: the exact pixel for a valid tap, and for an invalid one (weight 0) any pixel
+  // inside the image, here the row-major offset clamped into [0, h * w - 1].
+  const VI base = iy0 * int32_t(w) + ix0;
+  const VI last = VI{} + int32_t(h * w - 1);
+  t.off[0] = ClampI(base, last);
+  t.off[1] = ClampI(base + 1, last);
+  t.off[2] = ClampI(base + int32_t(w), last);
+  t.off[3] = ClampI(base + int32_t(w + 1), last);
   t.valid[0] = vy0 & vx0;
   t.valid[1] = vy0 & vx1;
   t.valid[2] = vy1 & vx0;
