@@ -71,11 +71,13 @@ def test_native_matches_gather(padding_mode, align_corners):
 
 
 @needs_native
-def test_native_many_images_split_over_threads():
-    # Enough points that the forward and the backward are split into several chunks.
-    image = jax.random.normal(jax.random.key(0), (67, 12, 10, 2))
-    grid = _random_affine_grid(jax.random.key(1), 67, (11, 13))
-    _assert_same_as_gather("native", image, grid)
+@pytest.mark.parametrize("channels", [1, 2])
+def test_native_many_images_split_over_threads(channels):
+    # Enough points that the forward and the backward are split into several chunks, 300 points
+    # per image (more than one 256-point block, not a multiple of the 16 vector lanes).
+    image = jax.random.normal(jax.random.key(0), (67, 12, 10, channels))
+    grid = _random_affine_grid(jax.random.key(1), 67, (20, 15))
+    _assert_same_as_gather("native", image, grid, padding_mode="border")
 
 
 @needs_native
@@ -167,6 +169,14 @@ def test_native_vmap_and_extra_sample_dims_match_gather():
         return jax.vmap(lambda i, g: stn_jax.bilinear_sample(i, g, method=method))
 
     np.testing.assert_allclose(f("native")(images, grids), f("gather")(images, grids), atol=1e-6)
+
+    def grads(method):
+        def loss(i, g):
+            return jnp.sum(jnp.cos(stn_jax.bilinear_sample(i, g, method=method)))
+        return jax.vmap(jax.grad(loss, argnums=(0, 1)))
+
+    for got, expected in zip(grads("native")(images, grids), grads("gather")(images, grids)):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     # One image, several warps: grid (B, T, H', W', 2).
     grid = grids.reshape(2, 3, 4, 3, 2)
     np.testing.assert_allclose(
