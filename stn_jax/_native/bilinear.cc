@@ -565,7 +565,7 @@ template <typename F>
 ffi::Future ParallelFor(ffi::ThreadPool& pool, int64_t total, int64_t min_chunk, F fn) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t chunks =
-      std::max<int64_t>(1, std::min<int64_t>(4 * threads, total / std::max<int64_t>(1, min_chunk)));
+      std::max<int64_t>(1, std::min<int64_t>(16 * threads, total / std::max<int64_t>(1, min_chunk)));
   const int64_t tasks = std::min(threads, chunks);
   const int64_t step = (total + chunks - 1) / chunks;
   ffi::CountDownPromise done(chunks);
