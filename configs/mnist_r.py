@@ -4,7 +4,7 @@ The paper's schedule (150k steps of batch 256, meant for an accelerator):
 
     python -m experiments.train --config=configs/mnist_r.py --workdir=/tmp/mnist_r
 
-A run that finishes in a few minutes on a 2-core CPU (see `runlocal` below):
+A run sized for a 2-core CPU (see `runlocal` below):
 
     python -m experiments.train --config=configs/mnist_r.py:runlocal=True --workdir=/tmp/run
 
@@ -17,11 +17,12 @@ Variants are `key=value` pairs after the colon, e.g.
 Single fields are changed with flags, e.g. `--config.train.num_steps=1000`; the config is
 locked, so a misspelt field fails before any work is done.
 
-`runlocal=True` is the same experiment shrunk to a few minutes on 2 CPU cores: 4000 training
+`runlocal=True` is the same experiment shrunk for 2 CPU cores: 4000 training
 digits instead of all 60000, 1500 steps of batch 64 instead of 150k of batch 256, the learning
 rate divided by 10 at step 1000 instead of every 50k, and SGD with momentum 0.9 instead of
 plain SGD (which does not get far in 1500 steps), at the paper's learning rate 0.01. Data
 generation and models are unchanged. It is not the default: the defaults are the paper's.
+Measured here (2 shared CPU cores, bundled digits): ST-CNN 5m06s, 5.8% test error.
 """
 
 import ml_collections
