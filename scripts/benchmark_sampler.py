@@ -13,8 +13,9 @@ with ``--methods``), ``map_coordinates`` (``jax.scipy.ndimage.map_coordinates``,
 outside, autodiff; vmapped over batch and channels) and ``torch`` (``grid_sample``, NCHW,
 bilinear, zeros, align_corners=False) when torch is importable. JAX functions are jitted and
 synchronised with ``block_until_ready``. ``--grids attention`` uses axis-aligned attention grids (eq. 2) instead, where
-``method="separable"`` applies. The implementations take turns (an untimed call, then
-``--block`` timed calls each), so a burst of load from other processes hits all of them alike;
+``method="separable"`` applies. The implementations take turns (a 10 ms pause, an untimed
+call, then ``--block`` timed calls each), so a burst of load from other processes hits all of
+them alike and no runtime's spinning worker threads are billed to the next;
 the reported time is the median over the repeats after warm-up, and ratios are to torch's
 median in the same run.
 
@@ -206,13 +207,14 @@ def torch_available() -> bool:
 
 
 def time_interleaved(fns: dict[str, Callable], repeats: int, warmup: int,
-                     block: int = 5) -> dict[str, list[float]]:
-    """Runs every function `warmup` times, then rounds in which each function in turn runs one
-    untimed call and `block` timed calls, until each has `repeats` timings.
+                     block: int = 5, pause: float = 0.01) -> dict[str, list[float]]:
+    """Runs every function `warmup` times, then rounds in which each function in turn sleeps
+    `pause` seconds, runs one untimed call and `block` timed calls, until each has `repeats`
+    timings.
 
-    Taking turns spreads bursts of load from other processes over all functions; the untimed
-    call and the blocks keep one runtime's worker threads (torch's OpenMP threads spin for a
-    while after each call) from stealing the cores from the call timed right after it.
+    Taking turns spreads bursts of load from other processes over all functions; the pause,
+    the untimed call and the blocks keep one runtime's worker threads (torch's OpenMP threads
+    spin for a while after each call) from stealing the cores from the calls timed after it.
     """
     for fn in fns.values():
         for _ in range(warmup):
@@ -220,6 +222,7 @@ def time_interleaved(fns: dict[str, Callable], repeats: int, warmup: int,
     times = {name: [] for name in fns}
     while min(len(t) for t in times.values()) < repeats:
         for name, fn in fns.items():
+            time.sleep(pause)
             fn()
             for _ in range(block):
                 start = time.perf_counter()
