@@ -35,6 +35,7 @@ from flax import nnx
 
 import stn_jax
 from stn_jax.models import count_params  # noqa: F401  (re-exported: mnist.count_params)
+from stn_jax.models.layers import conv_general_dilated, max_pool_2x2
 from stn_jax.grids import KINDS
 from stn_jax.transformer import SpatialTransformer
 
@@ -221,8 +222,14 @@ def solve_width(
 
 
 def _max_pool2(x: jax.Array) -> jax.Array:
-    # SAME pads the high side only, with -inf: ceil-mode pooling (see the module docstring).
-    return nnx.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+    # Ceil-mode pooling (see the module docstring), with a fast gradient on CPU (layers.py).
+    return max_pool_2x2(x)
+
+
+def _conv(n_in: int, n_out: int, k: int, *, rngs: nnx.Rngs) -> nnx.Conv:
+    # A k x k valid convolution; on CPU it runs as im2col + matmul (see layers.py).
+    return nnx.Conv(n_in, n_out, kernel_size=(k, k), padding="VALID",
+                    conv_general_dilated=conv_general_dilated, rngs=rngs)
 
 
 def _flatten(x: jax.Array) -> jax.Array:
@@ -249,8 +256,8 @@ class CNNHead(nnx.Module):
     def __init__(self, in_shape: tuple[int, int, int], width: int, num_classes: int, *,
                  rngs: nnx.Rngs):
         fh, fw = cnn_feature_shape(in_shape[:2])
-        self.conv1 = nnx.Conv(in_shape[2], width, kernel_size=(9, 9), padding="VALID", rngs=rngs)
-        self.conv2 = nnx.Conv(width, width, kernel_size=(7, 7), padding="VALID", rngs=rngs)
+        self.conv1 = _conv(in_shape[2], width, 9, rngs=rngs)
+        self.conv2 = _conv(width, width, 7, rngs=rngs)
         self.fc = nnx.Linear(fh * fw * width, num_classes, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -278,10 +285,8 @@ class CNNLocalization(nnx.Module):
 
     def __init__(self, in_shape: tuple[int, int, int], *, rngs: nnx.Rngs):
         fh, fw = loc_cnn_feature_shape(in_shape[:2])
-        self.conv1 = nnx.Conv(in_shape[2], LOC_CONV_FILTERS, kernel_size=(5, 5), padding="VALID",
-                              rngs=rngs)
-        self.conv2 = nnx.Conv(LOC_CONV_FILTERS, LOC_CONV_FILTERS, kernel_size=(5, 5),
-                              padding="VALID", rngs=rngs)
+        self.conv1 = _conv(in_shape[2], LOC_CONV_FILTERS, 5, rngs=rngs)
+        self.conv2 = _conv(LOC_CONV_FILTERS, LOC_CONV_FILTERS, 5, rngs=rngs)
         self.fc = nnx.Linear(fh * fw * LOC_CONV_FILTERS, LOC_CONV_FC_UNITS, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -1,0 +1,167 @@
+"""Layers the models share, written so that their gradients are fast on XLA's CPU backend.
+
+Both compute exactly the standard operation (same parameters, same values to float rounding);
+only the lowering differs. Measured on 2 CPU threads at the shapes of the paper's MNIST models
+(batch 256; forward and gradients; `docs/performance.md` has the whole story):
+
+* Convolution. XLA's CPU convolution is fast forward but slow in its gradients (the 9x9,
+  1 -> 67 conv on 21x21 of the ST-CNN: 75 ms forward + both gradients). Written as an explicit
+  im2col (the kh * kw shifted windows of the input, concatenated along channels) and one matrix
+  product with the reshaped kernel, the forward is a matmul and both gradients are matmuls plus
+  shifted adds (18 ms). A kernel that covers its whole input (the CNN's second conv, 7x7 on 7x7)
+  is a dense layer and is computed as one.
+* 2x2 max-pooling. `nnx.max_pool` is a reduce_window whose gradient is a select_and_scatter,
+  44 ms at (256, 13, 13, 67) and 24 ms at (256, 17, 17, 20); the elementwise maximum of the
+  four strided sub-grids has a gradient of selects and pads: 2.5 and 1.6 ms.
+
+Together they take the ST-CNN train step (RTS, batch 256) from 183 ms to 67 ms.
+
+`conv_general_dilated` has the signature of `jax.lax.conv_general_dilated` and is what the
+models pass to `nnx.Conv(..., conv_general_dilated=...)`. It takes the patches form when the
+function is lowered for the CPU and the convolution is a plain one (stride 1, no dilation, no
+feature groups, NHWC / HWIO / NHWC, padding "VALID" or explicit) whose patches stay under
+`MAX_PATCH_BYTES`; everything else, and every accelerator (where cuDNN and the TPU's
+convolution units win), takes `jax.lax.conv_general_dilated` itself.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["MAX_PATCH_BYTES", "conv_general_dilated", "max_pool_2x2", "patches_conv"]
+
+# The patches are kh * kw times the input; past this size the patches form would trade a slow
+# convolution for a large allocation (e.g. a 7x7 conv on a 26x26x90 map at batch 256: 1.8 GB),
+# so XLA's convolution is used instead.
+MAX_PATCH_BYTES = 1 << 30
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def patches_conv(lhs: jax.Array, rhs: jax.Array, padding=((0, 0), (0, 0))) -> jax.Array:
+    """A stride-1 2-D convolution as im2col + one matrix product.
+
+    Args:
+      lhs: input (B, H, W, C).
+      rhs: kernel (kh, kw, C, O) (HWIO, as `nnx.Conv` stores it).
+      padding: ((top, bottom), (left, right)) zero padding of the input.
+
+    Returns:
+      (B, H + top + bottom - kh + 1, W + left + right - kw + 1, O), equal (to float rounding) to
+      `jax.lax.conv_general_dilated(lhs, rhs, (1, 1), padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))`.
+
+    Example:
+      >>> x, k = jnp.ones((2, 5, 5, 1)), jnp.ones((3, 3, 1, 4))
+      >>> patches_conv(x, k).shape, float(patches_conv(x, k)[0, 0, 0, 0])
+      ((2, 3, 3, 4), 9.0)
+    """
+    kh, kw, c, o = rhs.shape
+    if any(p != (0, 0) for p in padding):
+        lhs = jnp.pad(lhs, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+    b, h, w, _ = lhs.shape
+    ho, wo = h - kh + 1, w - kw + 1
+    if ho == 1 and wo == 1:
+        # The kernel covers the whole (padded) input: the patches are the input itself, and the
+        # convolution a dense layer. Said outright, XLA does not build and scatter back kh * kw
+        # one-pixel windows (the ST-CNN train step at batch 256: 120 -> 67 ms).
+        patches = lhs.reshape(b, kh * kw * c)
+    else:
+        # Window (i, j) of every output pixel, in the kernel's (kh, kw, C) order.
+        windows = [lhs[:, i:i + ho, j:j + wo, :] for i in range(kh) for j in range(kw)]
+        patches = jnp.concatenate(windows, axis=-1).reshape(b * ho * wo, kh * kw * c)
+    return (patches @ rhs.reshape(kh * kw * c, o)).reshape(b, ho, wo, o)
+
+
+def _normalise_padding(padding):
+    if isinstance(padding, str):
+        if padding == "VALID":
+            return ((0, 0), (0, 0))
+        return None  # SAME etc.: left to XLA
+    padding = tuple(tuple(int(p) for p in pair) for pair in padding)
+    return padding if len(padding) == 2 and all(len(p) == 2 for p in padding) else None
+
+
+def _is_unit(seq) -> bool:
+    return seq is None or all(int(s) == 1 for s in seq)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+                         precision=None, preferred_element_type=None, **kwargs):
+    """`jax.lax.conv_general_dilated`, lowered as `patches_conv` on CPU where it applies.
+
+    Same arguments and result as `jax.lax.conv_general_dilated`. Plain NHWC convolutions
+    (stride 1, no dilation, one feature and batch group, "VALID" or explicit padding, patches of
+    at most `MAX_PATCH_BYTES`) lowered for the CPU compute im2col + matmul (`patches_conv`),
+    whose gradients are several times faster there; all others, and every accelerator, call
+    `jax.lax.conv_general_dilated`. The platform is picked when the function is lowered
+    (`jax.lax.platform_dependent`).
+
+    Example:
+      >>> from flax import nnx
+      >>> conv = nnx.Conv(1, 8, kernel_size=(5, 5), padding="VALID",
+      ...                 conv_general_dilated=conv_general_dilated, rngs=nnx.Rngs(0))
+      >>> conv(jnp.ones((2, 28, 28, 1))).shape
+      (2, 24, 24, 8)
+    """
+    xla_conv = functools.partial(
+        jax.lax.conv_general_dilated, window_strides=window_strides, padding=padding,
+        lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count, precision=precision,
+        preferred_element_type=preferred_element_type, **kwargs)
+    pads = _normalise_padding(padding)
+    plain = (
+        lhs.ndim == 4 and rhs.ndim == 4 and pads is not None
+        and dimension_numbers is not None
+        and (jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+             == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
+        and _is_unit(window_strides) and _is_unit(lhs_dilation) and _is_unit(rhs_dilation)
+        and feature_group_count == 1 and batch_group_count == 1
+        and preferred_element_type is None and lhs.dtype == rhs.dtype
+        and not kwargs.get("out_sharding")
+    )
+    if not plain:
+        return xla_conv(lhs, rhs)
+    kh, kw = rhs.shape[:2]
+    ho = lhs.shape[1] + sum(pads[0]) - kh + 1
+    wo = lhs.shape[2] + sum(pads[1]) - kw + 1
+    patch_bytes = lhs.shape[0] * ho * wo * kh * kw * rhs.shape[2] * lhs.dtype.itemsize
+    if min(ho, wo) < 1 or patch_bytes > MAX_PATCH_BYTES:
+        return xla_conv(lhs, rhs)
+    return jax.lax.platform_dependent(
+        lhs, rhs, cpu=lambda x, k: patches_conv(x, k, pads), default=xla_conv)
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2 max-pooling with stride 2, ceil mode: a ragged last row or column is pooled alone.
+
+    The same values as `nnx.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")` (which pads
+    the high side with -inf), computed as the elementwise maximum of the four strided sub-grids.
+    The gradient goes to the maximum of each window; where several inputs of a window tie for
+    the maximum it is shared between them (`jnp.maximum`'s rule) instead of going to the
+    first, which is also a valid subgradient (and after a ReLU, ties are zeros whose ReLU
+    gradient is 0 either way).
+
+    Args:
+      x: (B, H, W, C).
+
+    Returns:
+      (B, ceil(H / 2), ceil(W / 2), C).
+
+    Example:
+      >>> x = jnp.arange(9.0).reshape(1, 3, 3, 1)
+      >>> max_pool_2x2(x)[0, :, :, 0].tolist()
+      [[4.0, 5.0], [7.0, 8.0]]
+    """
+    if x.ndim != 4:
+        raise ValueError(f"x must have rank 4 (B, H, W, C), got shape {x.shape}")
+    h, w = x.shape[1:3]
+    if h % 2 or w % 2:
+        x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), constant_values=-jnp.inf)
+    return jnp.maximum(jnp.maximum(x[:, 0::2, 0::2], x[:, 0::2, 1::2]),
+                       jnp.maximum(x[:, 1::2, 0::2], x[:, 1::2, 1::2]))
