@@ -8,6 +8,11 @@ gradients, SGD update, metrics; state donated). PyTorch: the same architectures 
 counts of the two are asserted equal. Both take the same fixed random batch (the data pipeline
 is not timed).
 
+Two ratios say what the transformer costs: ST-CNN over CNN (the issue's ratio; the CNN sees the
+whole 42x42 canvas, so it is the slower one), and ST-CNN over its own classifier alone
+("st_cnn_head": the same CNN head and width on 21x21 inputs), which isolates what the
+localisation net, grid and sampler add to a step.
+
 The four steps take turns inside every repeat, so a burst of load from other processes hits all
 of them alike; each reported time is the median over the repeats after warm-up. ``--methods``
 also times the JAX ST-CNN with ``bilinear_sample(method=...)`` forced (e.g. "gather", the pure
@@ -54,10 +59,27 @@ LEARNING_RATE = 0.01
 # ---------------------------------------------------------------------------------------------
 
 
+def head_input(image: np.ndarray) -> np.ndarray:
+    """The ST-CNN classifier's input size (21x21) for "st_cnn_head": every other pixel."""
+    return image[:, ::ST_DOWNSAMPLE, ::ST_DOWNSAMPLE]
+
+
 def jax_step(name: str, batch_np: dict, method: str | None):
-    """A zero-argument callable running one jitted train step of `name` (and its width)."""
-    model = mnist.create_model(name, transform="affine", input_shape=INPUT_SHAPE,
-                               st_downsample=ST_DOWNSAMPLE, rngs=nnx.Rngs(0))
+    """A zero-argument callable running one jitted train step of `name` (and its width).
+
+    `name` is a model of `mnist.create_model`, or "st_cnn_head": the ST-CNN's classifier alone
+    (its width, on 21x21 inputs), to show what the transformer adds to a step.
+    """
+    if name == "st_cnn_head":
+        width = mnist.solve_width("st_cnn", transform="affine", input_shape=INPUT_SHAPE,
+                                  st_downsample=ST_DOWNSAMPLE)
+        shape = (INPUT_SHAPE[0] // ST_DOWNSAMPLE, INPUT_SHAPE[1] // ST_DOWNSAMPLE, INPUT_SHAPE[2])
+        model = mnist.MnistClassifier(
+            "cnn", shape, width, mnist.CNNHead(shape, width, NUM_CLASSES, rngs=nnx.Rngs(0)))
+        batch_np = dict(batch_np, image=head_input(batch_np["image"]))
+    else:
+        model = mnist.create_model(name, transform="affine", input_shape=INPUT_SHAPE,
+                                   st_downsample=ST_DOWNSAMPLE, rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = optax.sgd(LEARNING_RATE)
     schedule = optax.constant_schedule(LEARNING_RATE)
@@ -146,7 +168,16 @@ def torch_models():
         def forward(self, x):
             return self.head(x)
 
-    return {"st_cnn": STCNN, "cnn": CNN}
+    class STCNNHead(tnn.Module):
+        def __init__(self, width):
+            super().__init__()
+            h, w, c = INPUT_SHAPE
+            self.head = CNNHead((h // ST_DOWNSAMPLE, w // ST_DOWNSAMPLE), c, width)
+
+        def forward(self, x):
+            return self.head(x)
+
+    return {"st_cnn": STCNN, "cnn": CNN, "st_cnn_head": STCNNHead}
 
 
 def torch_step(name: str, width: int, batch_np: dict):
@@ -156,7 +187,8 @@ def torch_step(name: str, width: int, batch_np: dict):
     torch.manual_seed(0)
     model = torch_models()[name](width)
     opt = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
-    image = torch.from_numpy(np.ascontiguousarray(batch_np["image"].transpose(0, 3, 1, 2)))
+    image = batch_np["image"] if name != "st_cnn_head" else head_input(batch_np["image"])
+    image = torch.from_numpy(np.ascontiguousarray(image.transpose(0, 3, 1, 2)))
     label = torch.from_numpy(batch_np["label"].astype(np.int64))
 
     def run():
@@ -243,13 +275,14 @@ def main(argv=None) -> int:
     for method in methods:
         fns[f"jax st_cnn [{method}]"], widths["st_cnn"], counts["st_cnn"] = jax_step(
             "st_cnn", batch, method)
-    fns["jax cnn"], widths["cnn"], counts["cnn"] = jax_step("cnn", batch, None)
+    for name in ("st_cnn_head", "cnn"):
+        fns[f"jax {name}"], widths[name], counts[name] = jax_step(name, batch, None)
     use_torch = torch_available() and not args.no_torch
     if use_torch:
         import torch
 
         torch.set_num_threads(args.threads)
-        for name in ("st_cnn", "cnn"):
+        for name in ("st_cnn", "st_cnn_head", "cnn"):
             fns[f"torch {name}"], n = torch_step(name, widths[name], batch)
             if n != counts[name]:
                 raise AssertionError(f"{name}: torch has {n} parameters, JAX {counts[name]}")
@@ -275,24 +308,30 @@ def main(argv=None) -> int:
             "jax_speed_over_torch": (medians[torch_name] / median
                                      if framework == "jax" and torch_name in medians else None),
         })
-    header = f"{'step':<24} {'median ms':>10} {'min ms':>8} {'steps/s':>8} {'x torch speed':>14}"
+    header = f"{'step':<28} {'median ms':>10} {'min ms':>8} {'steps/s':>8} {'x torch speed':>14}"
     print(header)
     print("-" * len(header))
     for r in rows:
         ratio = f"{r['jax_speed_over_torch']:.2f}" if r["jax_speed_over_torch"] else "-"
-        print(f"{r['step']:<24} {r['median_ms']:>10.2f} {r['min_ms']:>8.2f} "
+        print(f"{r['step']:<28} {r['median_ms']:>10.2f} {r['min_ms']:>8.2f} "
               f"{r['steps_per_s']:>8.1f} {ratio:>14}")
     st_over_cnn = {f"jax [{m}]": medians[f"jax st_cnn [{m}]"] / medians["jax cnn"] for m in methods}
+    st_over_head = {f"jax [{m}]": medians[f"jax st_cnn [{m}]"] / medians["jax st_cnn_head"]
+                    for m in methods}
     if use_torch:
         st_over_cnn["torch"] = medians["torch st_cnn"] / medians["torch cnn"]
-    print("# ST-CNN step time / CNN step time: "
+        st_over_head["torch"] = medians["torch st_cnn"] / medians["torch st_cnn_head"]
+    print("# ST-CNN step time / CNN step time (CNN on the 42x42 input): "
           + ", ".join(f"{k} {v:.3f}" for k, v in st_over_cnn.items()))
+    print("# ST-CNN step time / its classifier alone on 21x21 (the transformer's cost): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in st_over_head.items()))
     print(f"# {elapsed:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": info, "batch_size": args.batch_size, "repeats": args.repeats,
                        "warmup": args.warmup, "widths": widths, "param_counts": counts,
                        "results": rows, "st_cnn_over_cnn": st_over_cnn,
+                       "st_cnn_over_its_classifier": st_over_head,
                        "elapsed_s": elapsed}, f, indent=1)
         print(f"# wrote {args.json}")
     return 0

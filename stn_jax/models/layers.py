@@ -5,10 +5,10 @@ only the lowering differs. Measured on 2 CPU threads at the shapes of the paper'
 (batch 256; forward and gradients; `docs/performance.md` has the whole story):
 
 * Convolution. XLA's CPU convolution is fast forward but slow in its gradients (the 9x9,
-  1 -> 67 conv on 21x21 of the ST-CNN: 75 ms forward + both gradients). Written as an explicit
+  1 -> 67 conv on 21x21 of the ST-CNN: 74 ms forward + both gradients). Written as an explicit
   im2col (the kh * kw shifted windows of the input, concatenated along channels) and one matrix
   product with the reshaped kernel, the forward is a matmul and both gradients are matmuls plus
-  shifted adds (18 ms). A kernel that covers its whole input (the CNN's second conv, 7x7 on 7x7)
+  shifted adds (17 ms). A kernel that covers its whole input (the CNN's second conv, 7x7 on 7x7)
   is a dense layer and is computed as one.
 * 2x2 max-pooling. `nnx.max_pool` is a reduce_window whose gradient is a select_and_scatter,
   44 ms at (256, 13, 13, 67) and 24 ms at (256, 17, 17, 20); the elementwise maximum of the
