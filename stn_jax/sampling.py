@@ -19,17 +19,23 @@ Both read an image (B, H, W, C) at the normalised (x, y) points of a grid (B, *S
 
 Non-finite grid values (NaN, +-inf) sample nothing: the output there is 0 in every padding mode
 and both gradients are 0. Finite grid values are first clamped to [-1e6, 1e6] (normalised),
-which changes nothing for "zeros" and "border" and keeps every index in range; nothing ever
-indexes out of bounds and no NaN enters the output or the gradients.
+which changes nothing for "zeros" (such a point reads 0) and "border" (it reads the edge pixel
+it points past) and keeps every index in range; nothing ever indexes out of bounds and no NaN
+enters the output or the gradients. With "reflection" a huge point is reflected from the
+clamped coordinate, where float32 resolves whole pixels at best: it reads some blend of image
+pixels whose position carries no meaning (finite, within the image's range of values).
+
+Determinism: on CPU both the native kernel (one thread per image gradient) and the gather
+path give bit-identical gradients from run to run. On GPU, XLA's scatter-add in the gather
+path's image gradient uses atomics, so its float rounding can differ between runs unless XLA
+is told ``--xla_gpu_deterministic_ops=true`` (not measured here: no GPU).
 
 Coordinates are computed in float32 (float64 for a float64 grid) and values are accumulated in
 float32 (float64 for a float64 image), so bf16 / f16 images are sampled precisely; the output
 has the image's dtype.
 
 The VJPs are written by hand with one gather of the taps and one scatter-add into the image
-gradient. They are themselves differentiable (grad of grad works). On CPU they are
-deterministic; on GPU, XLA's scatter-add uses atomics unless ``--xla_gpu_deterministic_ops`` is
-set.
+gradient. They are themselves differentiable (grad of grad works).
 
 This module depends on jax and numpy only.
 """
@@ -328,7 +334,9 @@ def bilinear_sample(
         back to "gather" at run time for other grids. See ``stn_jax._fast_paths``.
 
     Returns:
-      (B, *S, C) array in the image's dtype. Non-finite grid points read 0 with zero gradients.
+      (B, *S, C) array in the image's dtype. Non-finite grid points read 0 with zero gradients;
+      huge ones (beyond +-1e6) read 0 ("zeros"), the edge ("border") or an arbitrary blend of
+      pixels ("reflection"), never NaN (see the module docstring).
 
     Raises:
       TypeError: the image or grid is not a float array.
