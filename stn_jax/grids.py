@@ -110,7 +110,16 @@ def regular_grid(
 def affine_basis(
     out_shape: Sequence[int], *, align_corners: bool = False, dtype=jnp.float32
 ) -> jax.Array:
-    """The homogeneous basis B = (x, y, 1) of the output grid, shape (H', W', 3)."""
+    """The homogeneous basis B = (x, y, 1) of the output grid, shape (H', W', 3).
+
+    With :func:`linear_grid` it gives the affine grid of eq. (1): ``linear_grid(theta,
+    affine_basis(out_shape)) == affine_grid(theta, out_shape)``.
+
+    Example:
+      >>> affine_basis((1, 2), align_corners=True)[0]
+      Array([[-1.,  0.,  1.],
+             [ 1.,  0.,  1.]], dtype=float32)
+    """
     grid = regular_grid(out_shape, align_corners=align_corners, dtype=dtype)
     return jnp.concatenate([grid, jnp.ones(grid.shape[:-1] + (1,), dtype)], axis=-1)
 
@@ -128,6 +137,13 @@ def linear_grid(matrix: ArrayLike, basis: ArrayLike) -> jax.Array:
 
     Returns:
       (B, *S, 2) sampling grid.
+
+    Example:
+      >>> theta = jnp.array([[[1.0, 0.0, 0.5], [0.0, 1.0, 0.0]]])  # shift right by 0.5
+      >>> linear_grid(theta, affine_basis((1, 3), align_corners=True))[0, 0]
+      Array([[-0.5,  0. ],
+             [ 0.5,  0. ],
+             [ 1.5,  0. ]], dtype=float32)
     """
     matrix = _float_array(matrix, "matrix")
     basis = _float_array(basis, "basis")
@@ -319,6 +335,11 @@ def tps_basis(
 
     Returns:
       (H', W', K) basis.
+
+    Example:
+      >>> basis = tps_basis((8, 8))                   # default 4 x 4 control points
+      >>> basis.shape, bool(jnp.allclose(basis.sum(-1), 1.0, atol=1e-5))  # an affine partition
+      ((8, 8, 16), True)
     """
     if control_points is None:
         # The default 4 x 4 lattice of default_control_points, exactly in float64.

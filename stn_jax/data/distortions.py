@@ -38,9 +38,11 @@ arguments with that default):
   mnist-cluttered does; or ``"max"``.
 
 Example:
-    >>> key = jax.random.key(0)
-    >>> images, params = rotate(key, digits)                   # R, digits (B, 28, 28, 1)
-    >>> images, params = rotate_translate_scale(key, digits)   # RTS: (B, 42, 42, 1)
+    >>> key, digits = jax.random.key(0), jnp.zeros((4, 28, 28, 1))  # (B, 28, 28, 1) in [0, 1]
+    >>> rotate(key, digits)[0].shape                              # R
+    (4, 28, 28, 1)
+    >>> rotate_translate_scale(key, digits)[0].shape              # RTS
+    (4, 42, 42, 1)
 """
 
 from __future__ import annotations
@@ -145,9 +147,12 @@ def affine_warp(
       (B, canvas, canvas, C).
 
     Example:
+      >>> digit = jnp.arange(28.0 * 28).reshape(1, 28, 28, 1) / 784
       >>> ones = jnp.ones((1,))
-      >>> out = affine_warp(digits, angle_deg=90 * ones, scale=ones,
-      ...                   translation_px=jnp.zeros((1, 2)), canvas=28)  # == np.rot90
+      >>> out = affine_warp(digit, angle_deg=90 * ones, scale=ones,
+      ...                   translation_px=jnp.zeros((1, 2)), canvas=28)
+      >>> bool(jnp.allclose(out[0, :, :, 0], jnp.rot90(digit[0, :, :, 0]), atol=1e-5))
+      True
     """
     digits = _check_digits(digits)
     _check_canvas(canvas)
@@ -183,7 +188,9 @@ def rotate(
       images (B, canvas, canvas, C); params {"angle_deg": (B,), "scale": (B,)}.
 
     Example:
-      >>> images, params = rotate(jax.random.key(0), digits)  # angles in [-90, 90]
+      >>> images, params = rotate(jax.random.key(0), jnp.zeros((4, 28, 28, 1)))
+      >>> bool(jnp.all(jnp.abs(params["angle_deg"]) <= 90))
+      True
     """
     digits = _check_digits(digits)
     _check_canvas(canvas)
@@ -231,7 +238,9 @@ def rotate_translate_scale(
       "translation_px": (B, 2) (x, y) of the digit centre from the canvas centre, y down}.
 
     Example:
-      >>> images, params = rotate_translate_scale(jax.random.key(0), digits)  # (B, 42, 42, 1)
+      >>> images, params = rotate_translate_scale(jax.random.key(0), jnp.zeros((4, 28, 28, 1)))
+      >>> images.shape, params["translation_px"].shape
+      ((4, 42, 42, 1), (4, 2))
     """
     digits = _check_digits(digits)
     _check_canvas(canvas)
@@ -265,7 +274,8 @@ def homography_from_points(src: ArrayLike, dst: ArrayLike) -> jax.Array:
 
     Example:
       >>> square = jnp.array([[[-1., -1.], [1., -1.], [1., 1.], [-1., 1.]]])
-      >>> homography_from_points(square, 2 * square)  # [[2, 0, 0, 0, 2, 0, 0, 0]]
+      >>> (homography_from_points(square, 2 * square).round(5) + 0.0).tolist()  # + 0: no -0.0
+      [[2.0, 0.0, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0]]
     """
     src = jnp.asarray(src, jnp.float32)
     dst = jnp.asarray(dst, jnp.float32)
@@ -321,7 +331,9 @@ def projective(
       pixels (x, y down); "homography": (B, 8) canvas normalised -> digit normalised}.
 
     Example:
-      >>> images, params = projective(jax.random.key(0), digits)
+      >>> images, params = projective(jax.random.key(0), jnp.zeros((4, 28, 28, 1)))
+      >>> images.shape, params["homography"].shape
+      ((4, 28, 28, 1), (4, 8))
     """
     digits = _check_digits(digits)
     _check_canvas(canvas)
@@ -376,7 +388,9 @@ def elastic(
       where the lattice points land, centred canvas pixels (x, y down)}.
 
     Example:
-      >>> images, params = elastic(jax.random.key(0), digits)
+      >>> images, params = elastic(jax.random.key(0), jnp.zeros((4, 28, 28, 1)))
+      >>> images.shape
+      (4, 28, 28, 1)
     """
     digits = _check_digits(digits)
     _check_canvas(canvas)
@@ -459,7 +473,10 @@ def cluttered(
       "crop_offset_px": (B, N, 2) top-left of each crop in its source digit, "scale": (B,)}.
 
     Example:
-      >>> images, params = cluttered(jax.random.key(0), digits, others)  # others (B, 6, 28, 28, 1)
+      >>> digits, others = jnp.zeros((4, 28, 28, 1)), jnp.ones((4, 6, 28, 28, 1))
+      >>> images, params = cluttered(jax.random.key(0), digits, others)  # 6 crops each
+      >>> images.shape, params["crop_offset_px"].shape
+      ((4, 60, 60, 1), (4, 6, 2))
     """
     digits = _check_digits(digits)
     _check_canvas(canvas)
