@@ -75,6 +75,7 @@ def get_config(arg=None):
     data.control_grid_size = 4  # E: control points per side of the TPS lattice [S].
     data.clutter_count = 6  # TC: clutter crops per image [S].
     data.clutter_size = 6  # TC: side of a clutter crop in pixels [?].
+    data.clutter_combine = "add"  # TC: add (sum clipped to [0, 1]) | max, digit and crops [?].
 
     config.model = model = ml_collections.ConfigDict()
     model.name = args.get("model", "st_cnn")  # fcn | cnn | st_fcn | st_cnn.

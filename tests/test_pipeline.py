@@ -11,7 +11,7 @@ BRIEF_FIELDS = (
     "source", "tfds_dir", "idx_dir", "distortion", "fixed_train", "test_seed",
     "bundled_test_fraction", "num_train", "num_test", "canvas", "rotation_deg", "scale_min",
     "scale_max", "corner_std_px", "control_std_px", "control_grid_size", "clutter_count",
-    "clutter_size",
+    "clutter_size", "clutter_combine",
 )
 
 
@@ -40,6 +40,7 @@ def test_default_configs_have_the_agreed_fields_and_numbers():
         assert (cfg["corner_std_px"], cfg["control_std_px"], cfg["control_grid_size"]) == (
             5.0, 1.5, 4)
         assert (cfg["clutter_count"], cfg["clutter_size"], cfg["num_train"]) == (6, 6, -1)
+        assert cfg["clutter_combine"] == "add"
 
 
 def test_bad_config_values_are_value_errors():
@@ -51,6 +52,8 @@ def test_bad_config_values_are_value_errors():
         pipeline.DistortedMNIST({**_config(), "canvass": 30}, seed=0)
     with pytest.raises(ValueError, match=r"num_train=5000 exceeds the 4000"):
         pipeline.DistortedMNIST(_config(num_train=5000), seed=0)
+    with pytest.raises(ValueError, match=r"clutter_combine must be one of \('add', 'max'\)"):
+        pipeline.DistortedMNIST(_config("TC", clutter_combine="sum"), seed=0)
 
 
 def test_batches_are_the_digits_and_labels_of_the_permutation():
@@ -147,8 +150,9 @@ def test_test_set_is_generated_in_padded_chunks(monkeypatch):
     )
 
 
-def test_tc_batches_take_clutter_from_other_digits(monkeypatch):
-    ds = pipeline.DistortedMNIST(_config("TC", num_train=8), seed=0)
+@pytest.mark.parametrize("combine", ["add", "max"])
+def test_tc_batches_take_clutter_from_other_digits(monkeypatch, combine):
+    ds = pipeline.DistortedMNIST(_config("TC", num_train=8, clutter_combine=combine), seed=0)
     calls = []
     real = ds._generator
 
@@ -161,7 +165,8 @@ def test_tc_batches_take_clutter_from_other_digits(monkeypatch):
     assert batch["image"].shape == (8, 60, 60, 1) and ds.image_shape == (60, 60, 1)
     digits, sources, kwargs = calls[0]
     assert sources.shape == (8, 6, 28, 28, 1)
-    assert kwargs == {"canvas": 60, "clutter_size": 6, "scale_min": 1.0, "scale_max": 1.0}
+    assert kwargs == {"canvas": 60, "clutter_size": 6, "scale_min": 1.0, "scale_max": 1.0,
+                      "combine": combine}
     for b in range(8):
         for k in range(6):
             assert not np.array_equal(sources[b, k], digits[b])

@@ -59,6 +59,7 @@ _COMMON_DEFAULTS = {
     "control_grid_size": 4,  # E: 4x4 = 16 control points [P]
     "clutter_count": 6,  # TC: number of clutter crops [S]
     "clutter_size": 6,  # TC: side of a clutter crop, px [?]
+    "clutter_combine": "add",  # TC: "add" (sum clipped to [0, 1]) | "max" of digit and crops [?]
 }
 
 _PER_DISTORTION = {
@@ -77,8 +78,10 @@ _GENERATOR_FIELDS = {
     "RTS": ("canvas", "rotation_deg", "scale_min", "scale_max"),
     "P": ("canvas", "scale_min", "scale_max", "corner_std_px"),
     "E": ("canvas", "scale_min", "scale_max", "control_std_px", "control_grid_size"),
-    "TC": ("canvas", "clutter_size", "scale_min", "scale_max"),
+    "TC": ("canvas", "clutter_size", "scale_min", "scale_max", "clutter_combine"),
 }
+# data_config fields whose generator keyword has another name.
+_GENERATOR_KEYWORDS = {"clutter_combine": "combine"}
 
 _CHUNK = 1000  # digits per generation chunk (part of the fixed sets' definition)
 
@@ -118,6 +121,9 @@ def _read_config(data_config: Mapping[str, Any] | Any) -> dict[str, Any]:
         cfg[name] = float(cfg[name])
     if cfg["clutter_count"] < 1:
         raise ValueError(f"data_config.clutter_count must be >= 1, got {cfg['clutter_count']}")
+    if cfg["clutter_combine"] not in distortions.COMBINE_MODES:
+        raise ValueError(f"data_config.clutter_combine must be one of {distortions.COMBINE_MODES}, "
+                         f"got {cfg['clutter_combine']!r}")
     return cfg
 
 
@@ -173,7 +179,8 @@ class DistortedMNIST:
             raise ValueError("distortion TC needs >= 2 digits per split (clutter from others)")
         self.image_shape = (cfg["canvas"], cfg["canvas"], 1)
         self._generator = distortions.distortion_fn(cfg["distortion"])
-        self._kwargs = {name: cfg[name] for name in _GENERATOR_FIELDS[cfg["distortion"]]}
+        self._kwargs = {_GENERATOR_KEYWORDS.get(name, name): cfg[name]
+                        for name in _GENERATOR_FIELDS[cfg["distortion"]]}
         root = jax.random.key(seed)
         self._perm_key = jax.random.fold_in(root, 0)
         self._distort_key = jax.random.fold_in(root, 1)
