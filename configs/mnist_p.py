@@ -81,6 +81,7 @@ def get_config(arg=None):
     model.name = args.get("model", "st_cnn")  # fcn | cnn | st_fcn | st_cnn.
     model.transform = args.get("transform", "affine")  # affine | projective | tps (st_* only).
     model.st_downsample = 1  # The transformer's output is 1/st_downsample of the input side [S].
+    model.reference_width = 128  # FCN hidden width whose parameter count all models match [?].
 
     config.train = train = ml_collections.ConfigDict()
     train.batch_size = 64 if runlocal else 256  # Global batch, split over all local devices [S].

@@ -34,6 +34,7 @@ def test_paper_defaults(name):
     assert config.data.to_dict() == dict(pipeline.default_data_config(distortion))
     assert (config.model.name, config.model.transform) == ("st_cnn", "affine")
     assert config.model.st_downsample == (2 if distortion in ("RTS", "TC") else 1)
+    assert config.model.reference_width == 128
     train = config.train
     assert (train.batch_size, train.learning_rate, train.momentum) == (256, 0.01, 0.0)
     assert (train.lr_decay_every, train.lr_decay_factor, train.num_steps) == (50_000, 0.1, 150_000)

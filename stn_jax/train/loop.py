@@ -76,6 +76,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         input_shape=dataset.image_shape,
         num_classes=dataset.num_classes,
         st_downsample=config.model.st_downsample,
+        reference_width=config.model.reference_width,
         rngs=nnx.Rngs(init_key),
     )
     num_params = mnist.count_params(model)
