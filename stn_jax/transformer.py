@@ -56,7 +56,10 @@ class SpatialTransformer(nnx.Module):
         sampler: "bilinear" | "nearest".
         control_points: (K, 2) TPS control points in the output grid, normalised (x, y); only for
             kind="tps" (default: the regular 4x4 grid of `stn_jax.default_control_points`).
-            They are fixed, not trained.
+        learn_control_points: kind="tps" only. False (default): the control points are fixed
+            constants. True: they are an `nnx.Param` (`control_point_param`), started at
+            `control_points` and trained with the rest, so the target grid is learned, as the
+            paper suggests (Sect. 3.1; `tps_grid` is differentiable in them).
         rngs: passed to the regression layer (whose initialisation is deterministic).
 
     Example:
@@ -80,6 +83,7 @@ class SpatialTransformer(nnx.Module):
         align_corners: bool = False,
         sampler: str = "bilinear",
         control_points=None,
+        learn_control_points: bool = False,
         rngs: nnx.Rngs,
     ):
         # identity_params checks kind and control_points (shape (K, 2), tps only).
@@ -90,6 +94,10 @@ class SpatialTransformer(nnx.Module):
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
         if not isinstance(loc_features, int) or loc_features <= 0:
             raise ValueError(f"loc_features must be a positive int, got {loc_features!r}")
+        if not isinstance(learn_control_points, bool):
+            raise TypeError(f"learn_control_points must be a bool, got {learn_control_points!r}")
+        if learn_control_points and kind != "tps":
+            raise ValueError(f"learn_control_points=True needs kind='tps', got kind={kind!r}")
 
         self.kind = kind
         self.out_shape = _check_out_shape(out_shape)
@@ -100,6 +108,10 @@ class SpatialTransformer(nnx.Module):
         # control points are fixed, never trained. (For tps the identity is the control points.)
         self.control_points = None if control_points is None else tuple(
             tuple(row) for row in np.asarray(control_points, np.float32).tolist())
+        # Learned: a parameter started at the control points (for tps the identity params are
+        # the control points, default or given).
+        self.control_point_param = (
+            nnx.Param(jnp.asarray(identity, jnp.float32)) if learn_control_points else None)
         self.param_shape = tuple(identity.shape)
         self.localization = localization
 
@@ -117,6 +129,8 @@ class SpatialTransformer(nnx.Module):
         )
 
     def _control_points_array(self):
+        if self.control_point_param is not None:
+            return self.control_point_param[...]
         if self.control_points is None:
             return None
         return jnp.asarray(self.control_points, jnp.float32)

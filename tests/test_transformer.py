@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 import stn_jax
+import stn_jax.models
 from stn_jax import KINDS
 from stn_jax.transformer import SpatialTransformer
 
@@ -116,6 +117,49 @@ def test_custom_tps_control_points():
     assert theta.shape == (B, 9, 2)
     np.testing.assert_allclose(theta[1], cp, atol=0)
     np.testing.assert_allclose(out, x, atol=ATOL["tps"], rtol=0)
+
+
+def test_learned_tps_control_points_are_params_with_correct_gradients():
+    st = make_st("tps", learn_control_points=True)
+    fixed = make_st("tps")
+    k = stn_jax.default_control_points().shape[0]
+    assert stn_jax.models.count_params(st) == stn_jax.models.count_params(fixed) + 2 * k
+    np.testing.assert_array_equal(st.control_point_param[...], stn_jax.default_control_points())
+    x = images(8)
+    out, _ = apply(st, x)
+    np.testing.assert_allclose(out, x, atol=ATOL["tps"], rtol=0)  # still the identity at init
+    # Pull theta away from the control points, so that moving them changes the grid.
+    st.regression.bias[...] = st.regression.bias[...] + 0.1 * jax.random.normal(
+        jax.random.key(3), st.regression.bias.shape)
+    target = jnp.roll(x, 1, axis=1)
+    grads = _grad(st, x, target)
+    g = grads["control_point_param"][...]
+    assert g.shape == (k, 2) and np.all(np.isfinite(g)) and float(jnp.abs(g).max()) > 1e-4
+    # A small step against the gradient lowers the loss (the sampler's kinks make a finite
+    # difference of the loss itself unreliable in float32) ...
+    base = st.control_point_param[...]
+    loss0 = float(_loss(st, x, target))
+    st.control_point_param[...] = base - 1e-2 * g / jnp.abs(g).max()
+    assert float(_loss(st, x, target)) < loss0
+    st.control_point_param[...] = base
+    # ... and the grid, smooth in the control points, matches a central difference.
+    theta = st.theta(x)
+    weights = jax.random.normal(jax.random.key(5), (B,) + st.out_shape + (2,))
+
+    def grid_dot(cp):
+        st.control_point_param[...] = cp
+        return jnp.sum(st.grid(theta) * weights)
+
+    direction = jax.random.normal(jax.random.key(4), (k, 2))
+    eps = 1e-2
+    fd = (float(grid_dot(base + eps * direction)) - float(grid_dot(base - eps * direction))) / (
+        2 * eps)
+    _, jvp = jax.jvp(lambda cp: stn_jax.tps_grid(theta, st.out_shape, control_points=cp),
+                     (base,), (direction,))
+    st.control_point_param[...] = base
+    np.testing.assert_allclose(fd, float(jnp.sum(jvp * weights)), rtol=1e-3)
+    with pytest.raises(ValueError, match="learn_control_points=True needs kind='tps'"):
+        make_st("affine", learn_control_points=True)
 
 
 def _loss(st, x, target):
