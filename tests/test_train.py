@@ -7,6 +7,7 @@ two CPU cores; they still assert numbers that chance, a broken resume or a saved
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
 import pathlib
@@ -53,6 +54,28 @@ def small_config(**overrides) -> ml_collections.ConfigDict:
             node = node[parent]
         node[leaf] = value
     return config
+
+
+def tensorboard_values(workdir) -> dict[str, list[tuple[int, object]]]:
+    """{tag: [(step, value)]} from the TFRecord event files under workdir/tb.
+
+    Records are: uint64 length, uint32 crc, an Event proto, uint32 crc. Scalars come back as
+    floats, images as their encoded PNG bytes.
+    """
+    from tensorboardX.proto import event_pb2
+
+    values = {}
+    for path in sorted((pathlib.Path(workdir) / "tb").glob("events.out.tfevents*")):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            length = int.from_bytes(data[pos:pos + 8], "little")
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for v in event.summary.value:
+                value = v.simple_value if v.WhichOneof("value") == "simple_value" else (
+                    v.image.encoded_image_string)
+                values.setdefault(v.tag, []).append((event.step, value))
+    return values
 
 
 def saved(workdir, step: int) -> list[np.ndarray]:
@@ -173,7 +196,14 @@ def test_one_step_writes_checkpoint_metrics_picture_and_logs(tmp_path):
     assert metrics["test_error_pct"] == pytest.approx(100 * (1 - metrics["test_accuracy"]))
     picture = Image.open(tmp_path / "pictures" / "step_000001.png")
     assert picture.mode == "RGB" and picture.width > 4 * 2 * 28 * 4  # 4 tiles, 2 panels, 4x.
-    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tb"))
+    tb = tensorboard_values(tmp_path)
+    # The training scalars of step 1, the test metrics and the picture of the evaluation.
+    for tag in ("train/loss", "train/accuracy", "train/lr", "train/steps_per_s"):
+        assert [step for step, _ in tb[tag]] == [1], tag
+    [(step, error)] = tb["test/test_error_pct"]
+    assert step == 1 and error == pytest.approx(metrics["test_error_pct"], rel=1e-6)
+    [(step, png)] = tb["test/pictures"]
+    assert step == 1 and Image.open(io.BytesIO(png)).size == picture.size
 
 
 def _kill_at(monkeypatch, step_to_kill: int):
