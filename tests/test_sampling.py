@@ -288,10 +288,10 @@ def test_jit_equals_eager_and_no_retrace():
     shape = (3, 7, 9, 3)  # a batch size no other test uses
     auto = _fast_paths.resolve_method("auto", jnp.zeros(shape), jnp.zeros((3, 5, 4, 2)))
     auto_fn = sampling._bilinear_jit if auto == "gather" else _fast_paths.bilinear_jit
-    for method, fn in (("auto", auto_fn), ("gather", sampling._bilinear_jit)):
+    for method, fn, out_w in (("auto", auto_fn, 4), ("gather", sampling._bilinear_jit, 6)):
         before = fn._cache_size()
         for k in range(3):
-            bilinear_sample(np.full(shape, k, np.float32), np.zeros((3, 5, 4, 2), np.float32),
+            bilinear_sample(np.full(shape, k, np.float32), np.zeros((3, 5, out_w, 2), np.float32),
                             method=method).block_until_ready()
         assert fn._cache_size() == before + 1, method
 
