@@ -163,19 +163,22 @@ def test_integer_coordinate_uses_floor_one_sided_derivative():
 # ---------------------------------------------------------------------------------------------
 
 
+# "auto" is the native kernel where it builds; "gather" is the hand-written custom_vjp of
+# sampling.py, which every other path is tested against, so it meets the reference directly.
+@pytest.mark.parametrize("method", ["auto", "gather"])
 @pytest.mark.parametrize("padding_mode,align_corners", CASES)
 @pytest.mark.parametrize(
     "image_hw,grid_hw",
     [((5, 8), (7, 6)), ((9, 8), (3, 11)), ((5, 4), (12, 10))],  # non-square, down, up
 )
-def test_matches_dense_reference_float64(padding_mode, align_corners, image_hw, grid_hw):
+def test_matches_dense_reference_float64(padding_mode, align_corners, image_hw, grid_hw, method):
     rng = np.random.default_rng(hash((padding_mode, align_corners, image_hw)) % 2**32)
     image = rng.normal(size=(2, *image_hw, 3))
     grid = _grid_with_special_points(rng, (2, *grid_hw, 2), image_hw, align_corners)
     cotangent = rng.normal(size=(2, *grid_hw, 3))
     want_out, want_di, want_dg = dense_reference(image, grid, cotangent, padding_mode, align_corners)
     with jax.enable_x64(True):
-        kw = dict(padding_mode=padding_mode, align_corners=align_corners)
+        kw = dict(padding_mode=padding_mode, align_corners=align_corners, method=method)
         out = bilinear_sample(jnp.asarray(image), jnp.asarray(grid), **kw)
         d_image, d_grid = jax.grad(_loss, argnums=(0, 1))(
             jnp.asarray(image), jnp.asarray(grid), jnp.asarray(cotangent), **kw
@@ -186,14 +189,15 @@ def test_matches_dense_reference_float64(padding_mode, align_corners, image_hw, 
     np.testing.assert_allclose(d_grid, want_dg, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("method", ["auto", "gather"])
 @pytest.mark.parametrize("padding_mode,align_corners", CASES)
-def test_float32_matches_dense_reference(padding_mode, align_corners):
+def test_float32_matches_dense_reference(padding_mode, align_corners, method):
     rng = np.random.default_rng(7)
     image = rng.normal(size=(3, 6, 5, 4)).astype(np.float32)
     grid = rng.uniform(-1.3, 1.3, size=(3, 4, 7, 2)).astype(np.float32)
     cotangent = rng.normal(size=(3, 4, 7, 4)).astype(np.float32)
     want = dense_reference(image, grid, cotangent, padding_mode, align_corners)
-    kw = dict(padding_mode=padding_mode, align_corners=align_corners)
+    kw = dict(padding_mode=padding_mode, align_corners=align_corners, method=method)
     out = bilinear_sample(image, grid, **kw)
     grads = jax.grad(_loss, argnums=(0, 1))(image, grid, cotangent, **kw)
     for got, ref in zip((out, *grads), want):
