@@ -90,6 +90,7 @@ def get_config(arg=None):
     train.momentum = 0.9 if runlocal else 0.0  # 0 = plain SGD [? the paper says only "SGD"].
     train.lr_decay_every = 1000 if runlocal else 50_000  # Steps between lr decays [S].
     train.lr_decay_factor = 0.1  # The lr is multiplied by this at each decay [S].
+    train.loc_lr_multiplier = 1.0  # Transformer's lr / the rest's [S: none for MNIST].
     train.num_steps = 1500 if runlocal else 150_000  # Training steps [S].
     train.weight_decay = 0.0  # L2 weight decay [S: none].
     train.eval_batch_size = 512  # Test batch; like batch_size, a multiple of the device count.

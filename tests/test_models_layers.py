@@ -118,8 +118,27 @@ def test_max_pool_2x2_hand_computed_and_ties():
     x = jnp.array([[1.0, 3.0, 5.0], [2.0, 0.0, -1.0], [7.0, 7.0, 4.0]]).reshape(1, 3, 3, 1)
     np.testing.assert_array_equal(layers.max_pool_2x2(x)[0, :, :, 0], [[3, 5], [7, 4]])
     g = jax.grad(lambda x: jnp.sum(layers.max_pool_2x2(x)))(x)[0, :, :, 0]
-    # Each window's gradient goes to its maximum; the tie (7, 7) shares it.
-    np.testing.assert_array_equal(g, [[0, 1, 1], [0, 0, 0], [0.5, 0.5, 1]])
+    # Each window's gradient goes to its maximum; of the tie (7, 7), to the first.
+    np.testing.assert_array_equal(g, [[0, 1, 1], [0, 0, 0], [1, 0, 1]])
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 6, 3), (2, 13, 13, 4), (1, 7, 4, 2)])
+def test_max_pool_2x2_ties_equal_nnx_max_pool(shape):
+    # Few distinct values: most windows hold ties, and whole windows of one value (the zeros
+    # of a blank background after a ReLU, say) tie four ways.
+    x = jnp.asarray(np.random.default_rng(6).integers(0, 3, size=shape), jnp.float32)
+    ref_fn = lambda x: nnx.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+    ct = _random(ref_fn(x).shape, 7, jnp.float32)
+    np.testing.assert_array_equal(jax.vjp(layers.max_pool_2x2, x)[1](ct)[0],
+                                  jax.vjp(ref_fn, x)[1](ct)[0])
+
+
+def test_max_pool_2x2_grad_of_grad():
+    x = _random((2, 5, 6, 3), 8, jnp.float32)
+    hvp = jax.grad(lambda x: jnp.sum(jax.grad(lambda x: jnp.sum(layers.max_pool_2x2(x) ** 2))(x)))
+    ref = jax.grad(lambda x: jnp.sum(jax.grad(lambda x: jnp.sum(
+        nnx.max_pool(x, (2, 2), strides=(2, 2), padding="SAME") ** 2))(x)))
+    np.testing.assert_allclose(hvp(x), ref(x), rtol=1e-6)
 
 
 def test_max_pool_2x2_rejects_wrong_rank():

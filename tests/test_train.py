@@ -23,6 +23,8 @@ from PIL import Image
 import pytest
 
 import stn_jax
+from flax import nnx
+from stn_jax.models import mnist
 from stn_jax.data import pipeline
 from stn_jax.train import (
     NonFiniteLossError,
@@ -117,6 +119,25 @@ def test_optimizer_steps_by_hand():
              weight_decay=0.0)))
     updates, _ = plain.update(grad, plain.init(params), params)
     np.testing.assert_allclose(updates["w"], [-0.03, -0.04], rtol=1e-6)
+
+
+def test_loc_lr_multiplier_scales_only_the_transformer_updates():
+    model = mnist.create_model("st_fcn", input_shape=(28, 28), rngs=nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    grads = jax.tree.map(jnp.ones_like, params)
+    base = dict(learning_rate=0.1, lr_decay_every=10, lr_decay_factor=0.1, momentum=0.9,
+                weight_decay=0.0)
+    plain = make_optimizer(ml_collections.ConfigDict(base))
+    slow = make_optimizer(ml_collections.ConfigDict(dict(base, loc_lr_multiplier=0.1)))
+    want, _ = plain.update(grads, plain.init(params), params)
+    got, _ = slow.update(grads, slow.init(params), params)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(got)[0]]
+    assert any("transformer" in p for p in paths) and any("head" in p for p in paths)
+    for path, g, w in zip(paths, jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, (0.1 if "transformer" in path else 1.0) * w, rtol=1e-6,
+                                   err_msg=path)
+    with pytest.raises(ValueError, match="loc_lr_multiplier must be positive"):
+        make_optimizer(ml_collections.ConfigDict(dict(base, loc_lr_multiplier=0.0)))
 
 
 def test_grid_outline_of_identity_and_zoom():
