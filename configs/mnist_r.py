@@ -20,8 +20,11 @@ locked, so a misspelt field fails before any work is done.
 `runlocal=True` is the same experiment shrunk for 2 CPU cores: 4000 training
 digits instead of all 60000, 1500 steps of batch 64 instead of 150k of batch 256, the learning
 rate divided by 10 at step 1000 instead of every 50k, and SGD with momentum 0.9 instead of
-plain SGD (which does not get far in 1500 steps), at the paper's learning rate 0.01. Data
-generation and models are unchanged. It is not the default: the defaults are the paper's.
+plain SGD (which does not get far in 1500 steps), at the paper's learning rate 0.01, with the
+spatial transformer's learning rate 0.1x that (`train.loc_lr_multiplier`), so that its steps stay
+the size plain SGD would take (on TC, without it the transformer flew off the canvas within 500
+steps and never came back: 90% test error; with it, 8.0%). Data generation and models are
+unchanged. It is not the default: the defaults are the paper's.
 Measured here (2 shared CPU cores, bundled digits): ST-CNN 5m06s, 5.8% test error.
 """
 
@@ -89,7 +92,7 @@ def get_config(arg=None):
     train.momentum = 0.9 if runlocal else 0.0  # 0 = plain SGD [? the paper says only "SGD"].
     train.lr_decay_every = 1000 if runlocal else 50_000  # Steps between lr decays [S].
     train.lr_decay_factor = 0.1  # The lr is multiplied by this at each decay [S].
-    train.loc_lr_multiplier = 1.0  # Transformer's lr / the rest's [S: none for MNIST].
+    train.loc_lr_multiplier = 0.1 if runlocal else 1.0  # Transformer's lr / the rest's [S: 1].
     train.num_steps = 1500 if runlocal else 150_000  # Training steps [S].
     train.weight_decay = 0.0  # L2 weight decay [S: none].
     train.eval_batch_size = 512  # Test batch; like batch_size, a multiple of the device count.
