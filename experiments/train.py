@@ -1,6 +1,6 @@
 r"""Trains one distorted-MNIST model: flags -> `stn_jax.train.train_and_evaluate`.
 
-About 3 minutes on 2 CPU cores (ST-CNN on RTS at the config's `runlocal` size):
+Half a minute of training on 2 CPU cores (ST-CNN on RTS at the config's `runlocal` size):
 
   python -m experiments.train --config=configs/mnist_rts.py:runlocal=True --workdir=/tmp/run
 
