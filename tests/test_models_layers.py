@@ -79,9 +79,11 @@ def test_conv_general_dilated_takes_patches_on_cpu_and_xla_otherwise():
         np.testing.assert_array_equal(
             fn(x, k), jax.lax.conv_general_dilated(x, k, dimension_numbers=DN, **kw))
     grouped = lambda x, k: layers.conv_general_dilated(
-        x, k[:, :, :1], (1, 1), "VALID", dimension_numbers=DN, feature_group_count=3)
-    kg = jnp.ones((3, 3, 1, 3), jnp.float32)
+        x, k, (1, 1), "VALID", dimension_numbers=DN, feature_group_count=3)
+    kg = jnp.ones((3, 3, 1, 3), jnp.float32)  # one input channel per group
     assert _count_convolutions(grouped, x, kg) == 1
+    np.testing.assert_array_equal(grouped(x, kg), jax.lax.conv_general_dilated(
+        x, kg, (1, 1), "VALID", dimension_numbers=DN, feature_group_count=3))
 
 
 def test_conv_general_dilated_falls_back_above_max_patch_bytes(monkeypatch):

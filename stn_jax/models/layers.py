@@ -15,7 +15,7 @@ only the lowering differs. Measured on 2 CPU threads at the shapes of the paper'
   four strided sub-grids, with a gradient of compares and selects written by hand (to the
   first maximum of each window, as XLA and torch), takes 2.3 and 1.2 ms.
 
-Together they take the ST-CNN train step (RTS, batch 256) from 183 ms to 67 ms.
+Together they take the ST-CNN train step (RTS, batch 256) from 183 ms to 58-67 ms.
 
 `conv_general_dilated` has the signature of `jax.lax.conv_general_dilated` and is what the
 models pass to `nnx.Conv(..., conv_general_dilated=...)`. It takes the patches form when the
