@@ -71,19 +71,21 @@ def test_native_matches_gather(padding_mode, align_corners):
 
 
 @needs_native
-@pytest.mark.parametrize("channels", [1, 2])
+@pytest.mark.parametrize("channels", [1, 2, 3])
 def test_native_many_images_split_over_threads(channels):
     # Enough points that the forward and the backward are split into several chunks, 300 points
     # per image (more than one 256-point block, not a multiple of the 16 vector lanes).
     image = jax.random.normal(jax.random.key(0), (67, 12, 10, channels))
     grid = _random_affine_grid(jax.random.key(1), 67, (20, 15))
-    _assert_same_as_gather("native", image, grid, padding_mode="border")
+    # d_grid reaches 86 here; where a sum over channels cancels (3 channels: one point at -0.61,
+    # 4e-5 off) float32 rounding of its terms exceeds the default 2e-5.
+    _assert_same_as_gather("native", image, grid, padding_mode="border", atol=1e-4)
 
 
 @needs_native
-@pytest.mark.parametrize("padding_mode", MODES)
-def test_native_non_finite_and_huge_points(padding_mode):
-    image = jax.random.normal(jax.random.key(0), (2, 5, 6, 3))
+@pytest.mark.parametrize("padding_mode,channels", itertools.product(MODES, (1, 3)))
+def test_native_non_finite_and_huge_points(padding_mode, channels):
+    image = jax.random.normal(jax.random.key(0), (2, 5, 6, channels))
     grid = jax.random.uniform(jax.random.key(1), (2, 4, 4, 2), minval=-1.5, maxval=1.5)
     bad = jnp.array([jnp.nan, jnp.inf, -jnp.inf, 3e30, -3e30, 1e7])
     grid = grid.at[0, 0, :, 0].set(bad[:4]).at[1, 1, :, 1].set(bad[2:]).at[1, 3, 0].set(jnp.nan)
@@ -108,6 +110,37 @@ def test_native_identity_and_integer_shift_are_exact(align_corners):
                                       align_corners=align_corners, method="native")
     np.testing.assert_allclose(shifted[:, :, 1:], image[:, :, :-1], atol=1e-6)
     np.testing.assert_array_equal(shifted[:, :, 0], 0.0)
+
+
+@needs_native
+@pytest.mark.parametrize("padding_mode,channels", itertools.product(("zeros", "border"), (1, 3)))
+def test_native_reads_at_the_ends_of_the_image(padding_mode, channels):
+    # The float32 forward reads the two taps of a row as one 8-byte pair; a pair starting one
+    # pixel before the image (x0 = -1 in the first row) or at its last pixel must not be read,
+    # and the kernel then reads that group of 16 points tap by tap. Points per image: 16 inside
+    # (pairs only), 16 with such points at the corners, then a partial group of 5.
+    h, w = 5, 7
+    image = jax.random.normal(jax.random.key(0), (2, h, w, channels))
+    inside = jax.random.uniform(jax.random.key(1), (16, 2), minval=0.5, maxval=h - 1.5)
+    corners = jnp.array([[-0.5, 0.0], [w - 0.5, h - 1.0], [-0.5, -0.5], [w - 0.5, h - 0.5],
+                         [-0.5, h - 1.0], [w - 0.5, -0.5], [0.0, 0.0], [w - 1.0, h - 1.0]])
+    rest = jax.random.uniform(jax.random.key(2), (13, 2), minval=-1.5, maxval=w + 0.5)
+    xy = jnp.concatenate([inside, corners, rest])  # pixel coordinates (x, y), 37 points
+    grid = (2 * xy + 1) / jnp.array([w, h]) - 1  # align_corners=False
+    grid = jnp.broadcast_to(grid, (2, 37, 2)).reshape(2, 1, 37, 2)
+    out, _, _ = _assert_same_as_gather("native", image, grid, padding_mode=padding_mode)
+    # By hand: half of the corner pixel beyond the left / right edge, a quarter beyond a
+    # corner; border mode reads the pixel itself.
+    corner = out[:, 0, 16:24]
+    top_left, bottom_right = image[:, 0, 0], image[:, h - 1, w - 1]
+    expected = {
+        "zeros": [0.5 * top_left, 0.5 * bottom_right, 0.25 * top_left, 0.25 * bottom_right],
+        "border": [top_left, bottom_right, top_left, bottom_right],
+    }[padding_mode]
+    for k, e in enumerate(expected):
+        np.testing.assert_allclose(corner[:, k], e, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(corner[:, 6], top_left)
+    np.testing.assert_array_equal(corner[:, 7], bottom_right)
 
 
 @needs_native
