@@ -434,40 +434,45 @@ struct Taps512 {
   __m512 fx, fy;                // x - x0, y - y0
 };
 
-// Pixel coordinate and its floor for normalised g, as sampling._source_coord (the derivative
-// is not needed here).
+// The floor x0 of the pixel coordinate x of normalised g and the fraction x - x0, as
+// sampling._source_coord and the reference's taps compute them (the derivative is not needed
+// here).
 template <int32_t kPad, bool kAlign>
-STN_INLINE void Coord512(__m512 g, int64_t size, __m512& x, __m512& x0) {
+STN_INLINE void Coord512(__m512 g, int64_t size, __m512& x0, __m512& frac) {
   const __m512 one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f);
-  if (kPad == kZeros) {
-    // Clamp to +-kMaxAbsGrid; max(NaN, lo) is lo, so NaN and +-inf land far outside the image
-    // and read zeros, as the reference's non-finite points do. Unlike the reference, x is not
-    // then clamped to [-2, size + 1]: that only moves points whose taps are all outside, and
-    // x0 converts to int32 exactly or (beyond 2^31, images wider than 4000 pixels) to
-    // INT_MIN, which the unsigned validity test rejects.
-    const float m = float(kMaxAbsGrid);
-    g = _mm512_min_ps(_mm512_max_ps(g, _mm512_set1_ps(-m)), _mm512_set1_ps(m));
-  }
   // x / 2 is computed as x * 0.5, the same value.
+  __m512 x;
   if (kAlign) {
     x = _mm512_mul_ps(_mm512_mul_ps(_mm512_add_ps(g, one), half), _mm512_set1_ps(float(size - 1)));
   } else {
     x = _mm512_mul_ps(
         _mm512_sub_ps(_mm512_mul_ps(_mm512_add_ps(g, one), _mm512_set1_ps(float(size))), one), half);
   }
-  // Snap to the nearest integer within tol (x + (nearest - x) is nearest exactly).
+  // The reference snaps x to the nearest integer n within tol, then takes its floor.
   const float tol = float(2 * double(std::numeric_limits<float>::epsilon()) * double(size + 1));
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __mmask16 snap =
-      _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(x, n)), _mm512_set1_ps(tol), _CMP_LE_OQ);
-  x = _mm512_mask_mov_ps(x, snap, n);
   if (kPad == kZeros) {
-    // floor(x) from the nearest integer: one less where x lies below it.
-    x0 = _mm512_mask_sub_ps(n, _mm512_cmp_ps_mask(x, n, _CMP_LT_OQ), n, one);
+    // With d = x - n (exact): x0 = n and frac = d above n + tol, x0 = n - 1 and frac = d + 1
+    // (the same rounding of the same number as x - (n - 1)) below n - tol, x0 = n and frac = 0
+    // in between (the snap). Non-finite and huge points need none of the reference's clamps:
+    // NaN, inf - inf and huge d fail both comparisons (frac 0), and x0 converts to int32
+    // exactly or (NaN, beyond +-2^31) to INT_MIN, both outside any image for the unsigned
+    // validity test; the reference's clamp of x to [-2, size + 1] only moves points whose
+    // taps are all outside.
+    const __m512 d = _mm512_sub_ps(x, n);
+    const __mmask16 below = _mm512_cmp_ps_mask(d, _mm512_set1_ps(-tol), _CMP_LT_OQ);
+    const __mmask16 above = _mm512_cmp_ps_mask(d, _mm512_set1_ps(tol), _CMP_GT_OQ);
+    x0 = _mm512_mask_sub_ps(n, below, n, one);
+    frac = _mm512_mask_add_ps(_mm512_maskz_mov_ps(above, d), below, d, one);
   } else {
-    // Border: clamp into [0, size - 1] (max(NaN, 0) is 0; such points are masked out).
+    // Border: snap, clamp into [0, size - 1] (max(NaN, 0) is 0; non-finite points are
+    // masked out by the caller), floor.
+    const __mmask16 snap =
+        _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(x, n)), _mm512_set1_ps(tol), _CMP_LE_OQ);
+    x = _mm512_mask_mov_ps(x, snap, n);
     x = _mm512_min_ps(_mm512_max_ps(x, _mm512_setzero_ps()), _mm512_set1_ps(float(size - 1)));
     x0 = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    frac = _mm512_sub_ps(x, x0);
   }
 }
 
@@ -480,11 +485,9 @@ STN_INLINE Taps512 TapsForward512(__m512 gx, __m512 gy, int64_t h, int64_t w) {
     finite = _mm512_kor(_mm512_fpclass_ps_mask(gx, 0x99), _mm512_fpclass_ps_mask(gy, 0x99));
     finite = _mm512_knot(finite);
   }
-  __m512 x, y, x0, y0;
-  Coord512<kPad, kAlign>(gx, w, x, x0);
-  Coord512<kPad, kAlign>(gy, h, y, y0);
-  t.fx = _mm512_sub_ps(x, x0);
-  t.fy = _mm512_sub_ps(y, y0);
+  __m512 x0, y0;
+  Coord512<kPad, kAlign>(gx, w, x0, t.fx);
+  Coord512<kPad, kAlign>(gy, h, y0, t.fy);
   const __m512i ix0 = _mm512_cvttps_epi32(x0), iy0 = _mm512_cvttps_epi32(y0);
   const __m512i one = _mm512_set1_epi32(1);
   const __m512i wv = _mm512_set1_epi32(int32_t(w)), hv = _mm512_set1_epi32(int32_t(h));
