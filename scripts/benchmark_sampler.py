@@ -13,11 +13,13 @@ with ``--methods``), ``map_coordinates`` (``jax.scipy.ndimage.map_coordinates``,
 outside, autodiff; vmapped over batch and channels) and ``torch`` (``grid_sample``, NCHW,
 bilinear, zeros, align_corners=False) when torch is importable. JAX functions are jitted and
 synchronised with ``block_until_ready``. ``--grids attention`` uses axis-aligned attention grids (eq. 2) instead, where
-``method="separable"`` applies. The implementations take turns (a 10 ms pause, an untimed
-call, then ``--block`` timed calls each), so a burst of load from other processes hits all of
-them alike and no runtime's spinning worker threads are billed to the next;
-the reported time is the median over the repeats after warm-up, and ratios are to torch's
-median in the same run.
+``method="separable"`` applies. The implementations take turns (a 10 ms pause, untimed calls
+for ``--settle-ms``, then ``--block`` timed calls each), so a burst of load from other
+processes hits all of them alike and no runtime's spinning worker threads are billed to the
+next; the reported time ("median ms") is the median over the repeats after warm-up, and ratios
+are to torch's median in the same run. "1st ms" is the median of the first call of each turn,
+the first after 10 ms idle: XLA's worker threads park when idle and take tens of microseconds
+to wake (torch's OpenMP threads spin through the pause), which costs small shapes the most.
 
 Peak memory: for JAX, XLA's buffer assignment of the compiled function (arguments + outputs +
 temporaries, ``compiled.memory_analysis()``), also given as a multiple of the bytes of
@@ -206,29 +208,40 @@ def torch_available() -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def time_interleaved(fns: dict[str, Callable], repeats: int, warmup: int,
-                     block: int = 5, pause: float = 0.01) -> dict[str, list[float]]:
+def time_interleaved(fns: dict[str, Callable], repeats: int, warmup: int, block: int = 5,
+                     pause: float = 0.01, settle: float = 0.005) -> tuple[dict, dict]:
     """Runs every function `warmup` times, then rounds in which each function in turn sleeps
-    `pause` seconds, runs one untimed call and `block` timed calls, until each has `repeats`
-    timings.
+    `pause` seconds, makes untimed calls for `settle` seconds (at least one) and `block` timed
+    calls, until each has `repeats` timings.
 
-    Taking turns spreads bursts of load from other processes over all functions; the pause,
-    the untimed call and the blocks keep one runtime's worker threads (torch's OpenMP threads
-    spin for a while after each call) from stealing the cores from the calls timed after it.
+    Returns (times, first): the timed calls, and the first call of each turn (the first after
+    `pause` idle seconds).
+
+    Taking turns spreads bursts of load from other processes over all functions; the pause
+    keeps one runtime's worker threads (torch's OpenMP threads spin for a while after each
+    call) from stealing the cores from the calls timed after it. The settle time lets each
+    runtime reach the state it has in a loop of calls: XLA's workers park when idle and, on
+    this 2-vCPU VM, take 50-60 us to wake, so the first ~5 calls after the pause are slower
+    (reported separately as `first`).
     """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in fns}
+    first = {name: [] for name in fns}
     while min(len(t) for t in times.values()) < repeats:
         for name, fn in fns.items():
             time.sleep(pause)
+            start = time.perf_counter()
             fn()
+            first[name].append(time.perf_counter() - start)
+            while time.perf_counter() - start < settle:
+                fn()
             for _ in range(block):
                 start = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - start)
-    return times
+    return times, first
 
 
 def _to_nhwc(out) -> np.ndarray:
@@ -245,15 +258,17 @@ def max_abs_diff(built) -> dict[str, float]:
     return {name: float(np.max(np.abs(out - ref))) for name, out in outs.items()}
 
 
-def bench_shape(shape, out_shape, impls, repeats, warmup, grids="affine", block=5):
+def bench_shape(shape, out_shape, impls, repeats, warmup, grids="affine", block=5, settle=0.005):
     image, grid, cot = make_data(shape, out_shape, grids=grids)
     built = {name: build(image, grid, cot) for name, build in impls.items()}
     io_bytes = image.nbytes + grid.nbytes + cot.nbytes  # cot has the output's size
     diffs = max_abs_diff(built)
     rows = []
     for mode, pos in (("fwd", 0), ("fwd+bwd", 1)):
-        times = time_interleaved({n: b[pos] for n, b in built.items()}, repeats, warmup, block)
+        times, first = time_interleaved({n: b[pos] for n, b in built.items()}, repeats, warmup,
+                                        block, settle=settle)
         medians = {n: statistics.median(t) for n, t in times.items()}
+        first_medians = {n: statistics.median(t) for n, t in first.items()}
         for name in built:
             mem = built[name][2][mode]
             rows.append(
@@ -265,6 +280,9 @@ def bench_shape(shape, out_shape, impls, repeats, warmup, grids="affine", block=
                     "median_s": medians[name],
                     "min_s": min(times[name]),
                     "ratio_to_torch": medians[name] / medians["torch"] if "torch" in medians else None,
+                    "first_after_idle_s": first_medians[name],
+                    "first_ratio_to_torch": (first_medians[name] / first_medians["torch"]
+                                             if "torch" in first_medians else None),
                     "peak_bytes": mem,
                     "peak_over_io": mem / io_bytes if mem else None,
                     "max_abs_diff": diffs[name],
@@ -304,7 +322,8 @@ def machine_info(threads: int) -> dict:
 
 
 def format_table(rows) -> str:
-    header = f"{'shape':<24} {'mode':<8} {'impl':<22} {'median ms':>10} {'x torch':>8} {'peak MB':>8} {'peak/io':>8}"
+    header = (f"{'shape':<24} {'mode':<8} {'impl':<22} {'median ms':>10} {'x torch':>8} "
+              f"{'1st ms':>8} {'x torch':>8} {'peak MB':>8} {'peak/io':>8}")
     lines = [header, "-" * len(header)]
     for r in rows:
         b, h, w, c = r["shape"]
@@ -312,7 +331,12 @@ def format_table(rows) -> str:
         ratio = f"{r['ratio_to_torch']:.2f}" if r["ratio_to_torch"] is not None else "-"
         mem = f"{r['peak_bytes'] / 2**20:.1f}" if r["peak_bytes"] else "n/a"
         over = f"{r['peak_over_io']:.1f}" if r["peak_over_io"] else "n/a"
-        lines.append(f"{shape:<24} {r['mode']:<8} {r['impl']:<22} {r['median_s'] * 1e3:>10.3f} {ratio:>8} {mem:>8} {over:>8}")
+        first = r.get("first_after_idle_s")
+        first_ms = f"{first * 1e3:.3f}" if first is not None else "-"
+        first_ratio = (f"{r['first_ratio_to_torch']:.2f}" if r.get("first_ratio_to_torch") is not None
+                       else "-")
+        lines.append(f"{shape:<24} {r['mode']:<8} {r['impl']:<22} {r['median_s'] * 1e3:>10.3f} "
+                     f"{ratio:>8} {first_ms:>8} {first_ratio:>8} {mem:>8} {over:>8}")
     return "\n".join(lines)
 
 
@@ -325,6 +349,9 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs of each function first")
     parser.add_argument("--block", type=int, default=5,
                         help="timed calls in a row per turn (1: strict alternation)")
+    parser.add_argument("--settle-ms", type=float, default=5.0,
+                        help="untimed calls for this long after each turn's 10 ms pause, before "
+                        "the timed block (at least one call; its time is the '1st ms' column)")
     parser.add_argument("--methods", default="",
                         help="extra forced stn_jax methods to time beside 'auto', comma-separated")
     parser.add_argument("--grids", choices=("affine", "attention"), default="affine",
@@ -353,7 +380,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     for shape, out_shape in args.shapes:
         shape_rows = bench_shape(shape, out_shape, impls, args.repeats, args.warmup, args.grids,
-                                 args.block)
+                                 args.block, args.settle_ms / 1e3)
         rows.extend(shape_rows)
         print(format_table(shape_rows), flush=True)
         print(flush=True)
@@ -367,7 +394,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": info, "grids": args.grids, "repeats": args.repeats,
-                       "warmup": args.warmup, "block": args.block,
+                       "warmup": args.warmup, "block": args.block, "settle_ms": args.settle_ms,
                        "elapsed_s": elapsed, "results": rows}, f, indent=1)
         print(f"# wrote {args.json}")
     return 0
