@@ -5,6 +5,8 @@
 // file is compiled with -ffp-contract=off so that no FMA changes a rounding), the same
 // padding modes, the same treatment of non-finite and huge grid values and the same one-sided
 // (floor) derivative at integer coordinates. The reference is what the tests compare against.
+// The sampled values agree with it to float rounding (the AVX-512 forward blends with explicit
+// fused multiply-adds, exact where a weight is 0 or 1, e.g. identity warps).
 //
 // Layout: image (*L, H, W, C), grid (*L, *S, 2), output (*L, *S, C), row-major; *L (the batch,
 // and any vmapped axes) is the same in every operand, the N = prod(*S) points of each image are
