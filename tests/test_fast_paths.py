@@ -144,6 +144,19 @@ def test_native_reads_at_the_ends_of_the_image(padding_mode, channels):
 
 
 @needs_native
+@pytest.mark.parametrize("hw,channels", itertools.product(((1, 1), (1, 5), (5, 1), (2, 2)), (1, 3)))
+def test_native_tiny_images(hw, channels):
+    # One-pixel rows, columns and images, where the forward's 8-byte pair reads are at their
+    # edge cases (a 1x1 image has no pair at all and takes single-float gathers; a stray float
+    # of a pair is masked out of the values, so what this checks is the values, not the reads).
+    image = jax.random.normal(jax.random.key(0), (3,) + hw + (channels,))
+    grid = jax.random.uniform(jax.random.key(1), (3, 7, 5, 2), minval=-1.6, maxval=1.6)
+    for padding_mode in ("zeros", "border"):
+        out, _, _ = _assert_same_as_gather("native", image, grid, padding_mode=padding_mode)
+        assert np.abs(np.asarray(out)).max() > 0.1  # the comparison is not vacuous
+
+
+@needs_native
 def test_native_hand_computed_value_and_grid_gradient():
     # One point at pixel coordinate (x, y) = (0.25, 0.5) of a 2x2 image, align_corners=True.
     image = jnp.array([[1.0, 2.0], [3.0, 7.0]]).reshape(1, 2, 2, 1)

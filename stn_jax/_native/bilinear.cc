@@ -537,8 +537,9 @@ STN_INLINE void Deinterleave512(const float* xy, __m512& x, __m512& y) {
 // kC 8-lane gathers for each half of the points, 2 * kC loads a point where single-float
 // gathers need 4 * kC (the gathers being what bounds this loop). A pair is read if either of
 // its taps is valid; a tap that is not reads 0 (masked de-interleave). A pair that would reach
-// one pixel before or after the image (x0 = -1 in the first row, x0 = w - 1 in the last)
-// sends the whole group to single-float gathers, which read only valid taps.
+// one pixel before or after the image (x0 = -1 in the first row, x0 = w - 1 in the last),
+// and any pair of a one-pixel image, sends the whole group to single-float gathers, which
+// read only valid taps.
 template <int kC>
 STN_INLINE void GatherTaps512(const float* img, const Taps512& t, int64_t w, int64_t pixels,
                               __m512 (&v)[4][kC]) {
@@ -551,7 +552,8 @@ STN_INLINE void GatherTaps512(const float* img, const Taps512& t, int64_t w, int
   const __m512i last = _mm512_set1_epi32(int32_t(pixels - 2));
   const __mmask16 outside = _mm512_kor(_mm512_mask_cmpgt_epu32_mask(kt, t.base, last),
                                        _mm512_mask_cmpgt_epu32_mask(kb, bottom, last));
-  if (__builtin_expect(outside != 0, 0)) {
+  // (A one-pixel image has no pairs: pixels - 2 wraps to the largest unsigned value.)
+  if (__builtin_expect(outside != 0 || pixels < 2, 0)) {
     const int64_t tap[4] = {0, kC, kC * w, kC * (w + 1)};
     for (int q = 0; q < 4; ++q) {
       for (int c = 0; c < kC; ++c) {
