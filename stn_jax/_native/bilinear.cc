@@ -787,23 +787,23 @@ void BackwardRange(const T* image, const T* grid, const T* cot, T* d_image, T* d
 }
 
 // Runs fn(begin, end) over [0, total) split into chunks of at least min_chunk, on the caller
-// and up to num_threads tasks of the pool, all taking chunks from a shared counter. The
+// and up to num_threads - 1 tasks of the pool, all taking chunks from a shared counter. The
 // caller returns when every chunk is done (it waits only for chunks other threads have
 // started), with a future that is then already complete. The count is of chunks, not of
 // tasks: if the machine is busy and a scheduled task does not get a core, the caller does its
 // chunks and the late task, when it runs, finds nothing left (it then touches no buffer). So a
 // descheduled worker never holds the result back, unlike a fork-join barrier.
 //
-// A task goes to every pool thread, not num_threads - 1 (the caller being the other): on the
-// 2-vCPU test machine the one woken worker was often placed on the caller's own CPU after an
-// idle spell, or woke 50-60 us late, and the 256x28x28 forward took 0.18 ms instead of 0.11;
-// with both workers woken, whichever runs first shares the work (0.107 ms in two runs).
+// (Waking every pool thread instead, so that a worker placed on the caller's CPU after an
+// idle spell would not matter, made no measurable difference: the 256x28x28 forward, 10 runs
+// of each, 10 ms pauses and 5 ms of calls before timing: 0.167 against 0.175 ms on average,
+// both spread over 0.12-0.26.)
 template <typename F>
 ffi::Future ParallelFor(ffi::ThreadPool& pool, int64_t total, int64_t min_chunk, F fn) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t chunks =
       std::max<int64_t>(1, std::min<int64_t>(16 * threads, total / std::max<int64_t>(1, min_chunk)));
-  const int64_t tasks = std::min(threads, chunks - 1);
+  const int64_t tasks = std::min(threads, chunks);
   const int64_t step = (total + chunks - 1) / chunks;
   ffi::CountDownPromise done(chunks);
   ffi::Future future(done);
@@ -816,7 +816,7 @@ ffi::Future ParallelFor(ffi::ThreadPool& pool, int64_t total, int64_t min_chunk,
       done.CountDown();
     }
   };
-  for (int64_t i = 0; i < tasks; ++i) pool.Schedule(decltype(work)(work));
+  for (int64_t i = 1; i < tasks; ++i) pool.Schedule(decltype(work)(work));
   work();  // the caller's own share runs inline
   // Wait here for the chunks other threads have started (at most one each): returning a
   // pending future costs XLA more, in thread hand-offs, than this short wait.
