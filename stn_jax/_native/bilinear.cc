@@ -795,9 +795,10 @@ void BackwardRange(const T* image, const T* grid, const T* cot, T* d_image, T* d
 // descheduled worker never holds the result back, unlike a fork-join barrier.
 //
 // (Waking every pool thread instead, so that a worker placed on the caller's CPU after an
-// idle spell would not matter, made no measurable difference: the 256x28x28 forward, 10 runs
-// of each, 10 ms pauses and 5 ms of calls before timing: 0.167 against 0.175 ms on average,
-// both spread over 0.12-0.26.)
+// idle spell would not matter, did not pay on the 2-vCPU test machine: the 256x28x28 forward
+// alone, after 10 ms pauses, was the same (0.11 ms after 20 ms of calls, 4 runs each), and in
+// scripts/benchmark_sampler.py, turns shared with torch, it was 0.166-0.245 ms in three runs
+// against 0.103-0.125 ms in three with one task.)
 template <typename F>
 ffi::Future ParallelFor(ffi::ThreadPool& pool, int64_t total, int64_t min_chunk, F fn) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
