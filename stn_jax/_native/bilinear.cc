@@ -639,6 +639,109 @@ inline void ForwardAvx512(const float* img, const float* grid, float* out, int64
     StorePoints512<kC>(out + kC * i, o, n);
   }
 }
+
+// Loads 16 points of kC channels (the first n), one vector per channel: the inverse of
+// StorePoints512.
+template <int kC>
+STN_INLINE void LoadPoints512(const float* in, int64_t n, __m512 (&v)[kC]) {
+  if (kC == 1) {
+    v[0] = _mm512_maskz_loadu_ps(__mmask16((1u << n) - 1), in);
+    return;
+  }
+  static_assert(kC == 1 || kC == 3, "channel count");
+  __m512 raw[3];
+  for (int r = 0; r < 3; ++r) {
+    const int64_t m = std::min<int64_t>(16, std::max<int64_t>(0, 3 * n - 16 * r));
+    raw[r] = _mm512_maskz_loadu_ps(__mmask16((1u << m) - 1), in + 16 * r);
+  }
+  // Channel c of point p is float 3p + c: in raw[0..1] (indices 0-31) if 3p + c < 32, else
+  // in raw[2]. First gather from raw[0..1], then patch in raw[2] (indices 16-31 of the second).
+  alignas(64) int32_t lo[3][16], hi[3][16];
+  for (int c = 0; c < 3; ++c) {
+    for (int q = 0; q < 16; ++q) {
+      const int f = 3 * q + c;
+      lo[c][q] = f < 32 ? f : 0;
+      hi[c][q] = f < 32 ? q : 16 + (f - 32);
+    }
+  }
+  for (int c = 0; c < 3; ++c) {
+    const __m512 first = _mm512_permutex2var_ps(raw[0], _mm512_load_si512(lo[c]), raw[1]);
+    v[c] = _mm512_permutex2var_ps(first, _mm512_load_si512(hi[c]), raw[2]);
+  }
+}
+
+// The backward of one block of `count` points of one image, float32, zeros mode, kC (1 or 3)
+// channels, in two passes. The first, 16 points at a time in registers (taps and gathers as
+// the forward's), writes the grid gradient (eq. 7) and, to the block buffers, each tap's
+// weight (0 for a tap outside the image) and offset (clamped into the image); the second adds
+// weight * cotangent into the image gradient point by point (eq. 6; taps of different points
+// collide, so it stays sequential). The arithmetic of the grid gradient is the reference's,
+// in its order, without fused multiply-adds.
+template <bool kAlign, int kC>
+inline void BackwardBlockAvx512(const float* img, const float* grid, const float* cot,
+                                float* dimg, float* dgrid, int64_t count, int64_t h, int64_t w,
+                                int32_t (&off)[4][kBlock], float (&wq)[4][kBlock]) {
+  alignas(64) float tail[32];
+  const int64_t pixels = h * w;
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 dxc = _mm512_set1_ps(float(kAlign ? double(w - 1) / 2 : double(w) / 2));
+  const __m512 dyc = _mm512_set1_ps(float(kAlign ? double(h - 1) / 2 : double(h) / 2));
+  const __m512i last = _mm512_set1_epi32(int32_t(pixels - 1)), zero_i = _mm512_setzero_si512();
+  const __m512i step[4] = {zero_i, _mm512_set1_epi32(1), _mm512_set1_epi32(int32_t(w)),
+                           _mm512_set1_epi32(int32_t(w + 1))};
+  const __m512i x_of_pair = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i x_of_pair_hi =
+      _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  for (int64_t i = 0; i < count; i += 16) {
+    const float* xy = grid + 2 * i;
+    const int64_t n = std::min<int64_t>(16, count - i);
+    if (n < 16) {
+      std::memset(tail, 0, sizeof(tail));
+      std::memcpy(tail, xy, sizeof(float) * 2 * n);
+      xy = tail;
+    }
+    __m512 gx, gy;
+    Deinterleave512(xy, gx, gy);
+    const Taps512 t = TapsForward512<kZeros, kAlign>(gx, gy, h, w);
+    __m512 v[4][kC], gk[kC];
+    GatherTaps512<kC>(img, t, w, pixels, v);
+    LoadPoints512<kC>(cot + kC * i, n, gk);
+    const __m512 wx1 = t.fx, wy1 = t.fy;
+    const __m512 wx0 = _mm512_sub_ps(one, wx1), wy0 = _mm512_sub_ps(one, wy1);
+    __m512 sx = _mm512_setzero_ps(), sy = _mm512_setzero_ps();
+    for (int c = 0; c < kC; ++c) {
+      const __m512 ax = _mm512_add_ps(_mm512_mul_ps(wy0, _mm512_sub_ps(v[1][c], v[0][c])),
+                                      _mm512_mul_ps(wy1, _mm512_sub_ps(v[3][c], v[2][c])));
+      const __m512 ay = _mm512_add_ps(_mm512_mul_ps(wx0, _mm512_sub_ps(v[2][c], v[0][c])),
+                                      _mm512_mul_ps(wx1, _mm512_sub_ps(v[3][c], v[1][c])));
+      sx = _mm512_add_ps(sx, _mm512_mul_ps(gk[c], ax));
+      sy = _mm512_add_ps(sy, _mm512_mul_ps(gk[c], ay));
+    }
+    // d(pixel coordinate) / d(grid) is the constant wherever a tap is valid; elsewhere the sums
+    // are 0 (all taps read 0), as the reference's zero derivative makes them.
+    const __m512 dgx = _mm512_mul_ps(sx, dxc), dgy = _mm512_mul_ps(sy, dyc);
+    const __m512 pair_lo = _mm512_permutex2var_ps(dgx, x_of_pair, dgy);
+    const __m512 pair_hi = _mm512_permutex2var_ps(dgx, x_of_pair_hi, dgy);
+    const int64_t m0 = std::min<int64_t>(16, 2 * n), m1 = std::max<int64_t>(0, 2 * n - 16);
+    _mm512_mask_storeu_ps(dgrid + 2 * i, __mmask16((1u << m0) - 1), pair_lo);
+    _mm512_mask_storeu_ps(dgrid + 2 * i + 16, __mmask16((1u << m1) - 1), pair_hi);
+    const __mmask16 k[4] = {t.k00, t.k01, t.k10, t.k11};
+    const __m512 weight[4] = {_mm512_mul_ps(wy0, wx0), _mm512_mul_ps(wy0, wx1),
+                              _mm512_mul_ps(wy1, wx0), _mm512_mul_ps(wy1, wx1)};
+    for (int q = 0; q < 4; ++q) {
+      _mm512_store_ps(wq[q] + i, _mm512_maskz_mov_ps(k[q], weight[q]));
+      const __m512i o = _mm512_add_epi32(t.base, step[q]);
+      _mm512_store_si512(off[q] + i, _mm512_min_epi32(_mm512_max_epi32(o, zero_i), last));
+    }
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    for (int q = 0; q < 4; ++q) {
+      float* d = dimg + int64_t(off[q][i]) * kC;
+      const float wt = wq[q][i];
+      for (int c = 0; c < kC; ++c) d[c] += wt * cot[i * kC + c];
+    }
+  }
+}
 #endif  // __AVX512F__
 
 template <typename T, int32_t kPad, bool kAlign, bool kGradient>
@@ -720,6 +823,18 @@ void BackwardRange(const T* image, const T* grid, const T* cot, T* d_image, T* d
     const T* img = image + b * pixels * c;
     T* dimg = d_image + b * pixels * c;
     std::memset(dimg, 0, sizeof(T) * pixels * c);
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<T, float> && (kC == 1 || kC == 3) && kPad == kZeros) {
+      alignas(64) int32_t off[4][kBlock];
+      alignas(64) float wq[4][kBlock];
+      for (int64_t p = b * g.n; p < (b + 1) * g.n; p += kBlock) {
+        const int64_t count = std::min((b + 1) * g.n - p, kBlock);
+        BackwardBlockAvx512<kAlign, kC>(img, grid + 2 * p, cot + p * kC, dimg, d_grid + 2 * p,
+                                        count, g.h, g.w, off, wq);
+      }
+      continue;
+    }
+#endif
     for (int64_t p = b * g.n; p < (b + 1) * g.n;) {
       const int64_t count = std::min((b + 1) * g.n - p, kBlock);
       ComputeTaps<T, kPad, kAlign, true>(grid + 2 * p, count, g.h, g.w, t);
