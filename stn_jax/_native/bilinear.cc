@@ -114,6 +114,19 @@ struct alignas(64) Block {
   T dx[kBlock], dy[kBlock];  // d(pixel coordinate) / d(grid), 0 where the point is not finite
 };
 
+// Eq. (6) for a block of points with kC > 0 channels: adds w[q] * cotangent into the image
+// gradient at each tap's offset. Sequential: taps of different points collide.
+template <typename T, int kC>
+inline void ScatterAddTaps(const Block<T>& t, const T* cot, T* dimg, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    for (int q = 0; q < 4; ++q) {
+      T* d = dimg + int64_t(t.off[q][i]) * kC;
+      const T wq = t.w[q][i];
+      for (int k = 0; k < kC; ++k) d[k] += wq * cot[i * kC + k];
+    }
+  }
+}
+
 // Clamps an integer-valued float index into [0, size - 1].
 template <typename T>
 inline T ClampF(T i, T size) {
@@ -523,13 +536,76 @@ STN_INLINE __m512 Blend512(__m512 v00, __m512 v01, __m512 v10, __m512 v11, __m51
   return _mm512_fmadd_ps(fy, _mm512_sub_ps(bottom, top), top);
 }
 
-// (x, y) pairs of 16 points -> x and y vectors.
-STN_INLINE void Deinterleave512(const float* xy, __m512& x, __m512& y) {
-  const __m512 a = _mm512_loadu_ps(xy), b = _mm512_loadu_ps(xy + 16);
-  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-  const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
-  x = _mm512_permutex2var_ps(a, even, b);
-  y = _mm512_permutex2var_ps(a, odd, b);
+// Permute tables for 16 points stored interleaved, kC floats a point (kC = 1, 2, 3): float f
+// of the run is channel f % kC of point f / kC. Built at compile time.
+struct alignas(64) LaneTables {
+  int32_t first[3][16];   // load: channel c of the 16 points from the first 32 floats
+  int32_t second[3][16];  // load, kC = 3: then the points whose float lies in floats 32-47
+  int32_t out_first[3][16];   // store: vector r (floats 16r..16r+15) from channels 0 and 1
+  int32_t out_second[3][16];  // store, kC = 3: then channel 2 patched in
+};
+
+constexpr LaneTables MakeLaneTables(int c_count) {
+  LaneTables t{};
+  for (int c = 0; c < c_count; ++c) {
+    for (int p = 0; p < 16; ++p) {
+      const int f = c_count * p + c;
+      t.first[c][p] = f < 32 ? f : 0;
+      t.second[c][p] = f < 32 ? p : 16 + (f - 32);
+    }
+  }
+  for (int r = 0; r < c_count; ++r) {
+    for (int e = 0; e < 16; ++e) {
+      const int f = 16 * r + e, point = f / c_count, channel = f % c_count;
+      t.out_first[r][e] = channel == 0 ? point : (channel == 1 ? 16 + point : 0);
+      t.out_second[r][e] = channel == 2 ? 16 + point : e;
+    }
+  }
+  return t;
+}
+
+template <int kC>
+inline constexpr LaneTables kLaneTables = MakeLaneTables(kC);
+
+STN_INLINE __m512i LaneIndex(const int32_t (&row)[16]) { return _mm512_load_si512(row); }
+
+// Loads 16 points of kC (1, 2 or 3) interleaved channels, the first n of them (the rest read
+// 0), one vector per channel: the grid (kC = 2, x and y) and the cotangent.
+template <int kC>
+STN_INLINE void LoadPoints512(const float* in, int64_t n, __m512 (&v)[kC]) {
+  static_assert(kC >= 1 && kC <= 3, "channel count");
+  if (kC == 1) {
+    v[0] = _mm512_maskz_loadu_ps(__mmask16((1u << n) - 1), in);
+    return;
+  }
+  __m512 raw[3];
+  for (int r = 0; r < kC; ++r) {
+    const int64_t m = std::min<int64_t>(16, std::max<int64_t>(0, kC * n - 16 * r));
+    raw[r] = _mm512_maskz_loadu_ps(__mmask16((1u << m) - 1), in + 16 * r);
+  }
+  constexpr const LaneTables& t = kLaneTables<kC>;
+  for (int c = 0; c < kC; ++c) {
+    v[c] = _mm512_permutex2var_ps(raw[0], LaneIndex(t.first[c]), raw[1]);
+    if (kC == 3) v[c] = _mm512_permutex2var_ps(v[c], LaneIndex(t.second[c]), raw[2]);
+  }
+}
+
+// Stores 16 points of kC (1, 2 or 3) channels (one vector per channel) interleaved, the first
+// n of them: the output (kC = 1, 3) and the grid gradient (kC = 2).
+template <int kC>
+STN_INLINE void StorePoints512(float* out, const __m512 (&o)[kC], int64_t n) {
+  static_assert(kC >= 1 && kC <= 3, "channel count");
+  if (kC == 1) {
+    _mm512_mask_storeu_ps(out, __mmask16((1u << n) - 1), o[0]);
+    return;
+  }
+  constexpr const LaneTables& t = kLaneTables<kC>;
+  for (int r = 0; r < kC; ++r) {
+    __m512 v = _mm512_permutex2var_ps(o[0], LaneIndex(t.out_first[r]), o[1]);
+    if (kC == 3) v = _mm512_permutex2var_ps(v, LaneIndex(t.out_second[r]), o[2]);
+    const int64_t m = std::min<int64_t>(16, std::max<int64_t>(0, kC * n - 16 * r));
+    _mm512_mask_storeu_ps(out + 16 * r, __mmask16((1u << m) - 1), v);
+  }
 }
 
 // The four taps of 16 points, each of kC channels: v[q][k] is channel k of tap q (00, 01, 10,
@@ -563,8 +639,8 @@ STN_INLINE void GatherTaps512(const float* img, const Taps512& t, int64_t w, int
     return;
   }
   const __m256i lo = _mm512_castsi512_si256(index), hi = _mm512_extracti64x4_epi64(index, 1);
-  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-  const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  // The two floats of each 8-byte element are two "channels": the kC = 2 load tables.
+  const __m512i even = LaneIndex(kLaneTables<2>.first[0]), odd = LaneIndex(kLaneTables<2>.first[1]);
   const __m512d zero = _mm512_setzero_pd();
 #pragma GCC unroll 2
   for (int row = 0; row < 2; ++row) {
@@ -583,90 +659,20 @@ STN_INLINE void GatherTaps512(const float* img, const Taps512& t, int64_t w, int
   }
 }
 
-// Stores 16 points of kC channels (one vector per channel), the first n of them.
-template <int kC>
-STN_INLINE void StorePoints512(float* out, const __m512 (&o)[kC], int64_t n) {
-  if (kC == 1) {
-    _mm512_mask_storeu_ps(out, __mmask16((1u << n) - 1), o[0]);
-    return;
-  }
-  // Three channels: interleave a, b, c into 48 floats a0 b0 c0 a1 b1 c1 ...; output vector r
-  // holds floats 16r .. 16r + 15, float f being channel f % 3 of point f / 3. Each vector takes
-  // two permutes: a and b first (indices 0-31), then c (indices 16-31 of the second).
-  static_assert(kC == 1 || kC == 3, "channel count");
-  alignas(64) int32_t ab[3][16], cc[3][16];
-  // (computed once; the compiler folds these constant tables)
-  for (int r = 0; r < 3; ++r) {
-    for (int e = 0; e < 16; ++e) {
-      const int f = 16 * r + e, point = f / 3, channel = f % 3;
-      ab[r][e] = channel == 0 ? point : (channel == 1 ? 16 + point : 0);
-      cc[r][e] = channel == 2 ? 16 + point : e;
-    }
-  }
-  const int64_t floats = 3 * n;
-  for (int r = 0; r < 3; ++r) {
-    const __m512 first = _mm512_permutex2var_ps(o[0], _mm512_load_si512(ab[r]), o[1]);
-    const __m512 full = _mm512_permutex2var_ps(first, _mm512_load_si512(cc[r]), o[2]);
-    const int64_t m = std::min<int64_t>(16, std::max<int64_t>(0, floats - 16 * r));
-    if (m == 16) {
-      _mm512_storeu_ps(out + 16 * r, full);
-    } else if (m > 0) {
-      _mm512_mask_storeu_ps(out + 16 * r, __mmask16((1u << m) - 1), full);
-    }
-  }
-}
-
 // Forward of kC (1 or 3) channels, float32, zeros / border: taps, gathers and blend in one
 // pass over groups of 16 points, nothing stored between them.
 template <int32_t kPad, bool kAlign, int kC>
 inline void ForwardAvx512(const float* img, const float* grid, float* out, int64_t count,
                           int64_t h, int64_t w) {
-  alignas(64) float tail[32];
   for (int64_t i = 0; i < count; i += 16) {
-    const float* xy = grid + 2 * i;
     const int64_t n = std::min<int64_t>(16, count - i);
-    if (n < 16) {  // the last, partial group reads zeros past the end
-      std::memset(tail, 0, sizeof(tail));
-      std::memcpy(tail, xy, sizeof(float) * 2 * n);
-      xy = tail;
-    }
-    __m512 gx, gy;
-    Deinterleave512(xy, gx, gy);
-    const Taps512 t = TapsForward512<kPad, kAlign>(gx, gy, h, w);
+    __m512 g[2];  // x, y; the last, partial group reads zeros past the end
+    LoadPoints512<2>(grid + 2 * i, n, g);
+    const Taps512 t = TapsForward512<kPad, kAlign>(g[0], g[1], h, w);
     __m512 v[4][kC], o[kC];
     GatherTaps512<kC>(img, t, w, h * w, v);
     for (int c = 0; c < kC; ++c) o[c] = Blend512(v[0][c], v[1][c], v[2][c], v[3][c], t.fx, t.fy);
     StorePoints512<kC>(out + kC * i, o, n);
-  }
-}
-
-// Loads 16 points of kC channels (the first n), one vector per channel: the inverse of
-// StorePoints512.
-template <int kC>
-STN_INLINE void LoadPoints512(const float* in, int64_t n, __m512 (&v)[kC]) {
-  if (kC == 1) {
-    v[0] = _mm512_maskz_loadu_ps(__mmask16((1u << n) - 1), in);
-    return;
-  }
-  static_assert(kC == 1 || kC == 3, "channel count");
-  __m512 raw[3];
-  for (int r = 0; r < 3; ++r) {
-    const int64_t m = std::min<int64_t>(16, std::max<int64_t>(0, 3 * n - 16 * r));
-    raw[r] = _mm512_maskz_loadu_ps(__mmask16((1u << m) - 1), in + 16 * r);
-  }
-  // Channel c of point p is float 3p + c: in raw[0..1] (indices 0-31) if 3p + c < 32, else
-  // in raw[2]. First gather from raw[0..1], then patch in raw[2] (indices 16-31 of the second).
-  alignas(64) int32_t lo[3][16], hi[3][16];
-  for (int c = 0; c < 3; ++c) {
-    for (int q = 0; q < 16; ++q) {
-      const int f = 3 * q + c;
-      lo[c][q] = f < 32 ? f : 0;
-      hi[c][q] = f < 32 ? q : 16 + (f - 32);
-    }
-  }
-  for (int c = 0; c < 3; ++c) {
-    const __m512 first = _mm512_permutex2var_ps(raw[0], _mm512_load_si512(lo[c]), raw[1]);
-    v[c] = _mm512_permutex2var_ps(first, _mm512_load_si512(hi[c]), raw[2]);
   }
 }
 
@@ -680,8 +686,7 @@ STN_INLINE void LoadPoints512(const float* in, int64_t n, __m512 (&v)[kC]) {
 template <bool kAlign, int kC>
 inline void BackwardBlockAvx512(const float* img, const float* grid, const float* cot,
                                 float* dimg, float* dgrid, int64_t count, int64_t h, int64_t w,
-                                int32_t (&off)[4][kBlock], float (&wq)[4][kBlock]) {
-  alignas(64) float tail[32];
+                                Block<float>& taps) {
   const int64_t pixels = h * w;
   const __m512 one = _mm512_set1_ps(1.0f);
   const __m512 dxc = _mm512_set1_ps(float(kAlign ? double(w - 1) / 2 : double(w) / 2));
@@ -689,20 +694,11 @@ inline void BackwardBlockAvx512(const float* img, const float* grid, const float
   const __m512i last = _mm512_set1_epi32(int32_t(pixels - 1)), zero_i = _mm512_setzero_si512();
   const __m512i step[4] = {zero_i, _mm512_set1_epi32(1), _mm512_set1_epi32(int32_t(w)),
                            _mm512_set1_epi32(int32_t(w + 1))};
-  const __m512i x_of_pair = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __m512i x_of_pair_hi =
-      _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
   for (int64_t i = 0; i < count; i += 16) {
-    const float* xy = grid + 2 * i;
     const int64_t n = std::min<int64_t>(16, count - i);
-    if (n < 16) {
-      std::memset(tail, 0, sizeof(tail));
-      std::memcpy(tail, xy, sizeof(float) * 2 * n);
-      xy = tail;
-    }
-    __m512 gx, gy;
-    Deinterleave512(xy, gx, gy);
-    const Taps512 t = TapsForward512<kZeros, kAlign>(gx, gy, h, w);
+    __m512 g[2];
+    LoadPoints512<2>(grid + 2 * i, n, g);
+    const Taps512 t = TapsForward512<kZeros, kAlign>(g[0], g[1], h, w);
     __m512 v[4][kC], gk[kC];
     GatherTaps512<kC>(img, t, w, pixels, v);
     LoadPoints512<kC>(cot + kC * i, n, gk);
@@ -719,28 +715,18 @@ inline void BackwardBlockAvx512(const float* img, const float* grid, const float
     }
     // d(pixel coordinate) / d(grid) is the constant wherever a tap is valid; elsewhere the sums
     // are 0 (all taps read 0), as the reference's zero derivative makes them.
-    const __m512 dgx = _mm512_mul_ps(sx, dxc), dgy = _mm512_mul_ps(sy, dyc);
-    const __m512 pair_lo = _mm512_permutex2var_ps(dgx, x_of_pair, dgy);
-    const __m512 pair_hi = _mm512_permutex2var_ps(dgx, x_of_pair_hi, dgy);
-    const int64_t m0 = std::min<int64_t>(16, 2 * n), m1 = std::max<int64_t>(0, 2 * n - 16);
-    _mm512_mask_storeu_ps(dgrid + 2 * i, __mmask16((1u << m0) - 1), pair_lo);
-    _mm512_mask_storeu_ps(dgrid + 2 * i + 16, __mmask16((1u << m1) - 1), pair_hi);
+    const __m512 dg[2] = {_mm512_mul_ps(sx, dxc), _mm512_mul_ps(sy, dyc)};
+    StorePoints512<2>(dgrid + 2 * i, dg, n);
     const __mmask16 k[4] = {t.k00, t.k01, t.k10, t.k11};
     const __m512 weight[4] = {_mm512_mul_ps(wy0, wx0), _mm512_mul_ps(wy0, wx1),
                               _mm512_mul_ps(wy1, wx0), _mm512_mul_ps(wy1, wx1)};
     for (int q = 0; q < 4; ++q) {
-      _mm512_store_ps(wq[q] + i, _mm512_maskz_mov_ps(k[q], weight[q]));
+      _mm512_store_ps(taps.w[q] + i, _mm512_maskz_mov_ps(k[q], weight[q]));
       const __m512i o = _mm512_add_epi32(t.base, step[q]);
-      _mm512_store_si512(off[q] + i, _mm512_min_epi32(_mm512_max_epi32(o, zero_i), last));
+      _mm512_store_si512(taps.off[q] + i, _mm512_min_epi32(_mm512_max_epi32(o, zero_i), last));
     }
   }
-  for (int64_t i = 0; i < count; ++i) {
-    for (int q = 0; q < 4; ++q) {
-      float* d = dimg + int64_t(off[q][i]) * kC;
-      const float wt = wq[q][i];
-      for (int c = 0; c < kC; ++c) d[c] += wt * cot[i * kC + c];
-    }
-  }
+  ScatterAddTaps<float, kC>(taps, cot, dimg, count);
 }
 #endif  // __AVX512F__
 
@@ -825,12 +811,10 @@ void BackwardRange(const T* image, const T* grid, const T* cot, T* d_image, T* d
     std::memset(dimg, 0, sizeof(T) * pixels * c);
 #if defined(__AVX512F__)
     if constexpr (std::is_same_v<T, float> && (kC == 1 || kC == 3) && kPad == kZeros) {
-      alignas(64) int32_t off[4][kBlock];
-      alignas(64) float wq[4][kBlock];
       for (int64_t p = b * g.n; p < (b + 1) * g.n; p += kBlock) {
         const int64_t count = std::min((b + 1) * g.n - p, kBlock);
         BackwardBlockAvx512<kAlign, kC>(img, grid + 2 * p, cot + p * kC, dimg, d_grid + 2 * p,
-                                        count, g.h, g.w, off, wq);
+                                        count, g.h, g.w, t);
       }
       continue;
     }
@@ -856,14 +840,7 @@ void BackwardRange(const T* image, const T* grid, const T* cot, T* d_image, T* d
           gxs[i] = gx;
           gys[i] = gy;
         }
-        // Eq. (6): the scatter-add, sequential (taps of different points collide).
-        for (int64_t i = 0; i < count; ++i) {
-          for (int q = 0; q < 4; ++q) {
-            T* d = dimg + int64_t(t.off[q][i]) * kC;
-            const T wq = t.w[q][i];
-            for (int k = 0; k < kC; ++k) d[k] += wq * gr[i * kC + k];
-          }
-        }
+        ScatterAddTaps<T, kC>(t, gr, dimg, count);
       } else {
         for (int64_t i = 0; i < count; ++i) {
           const T m0 = t.m[0][i], m1 = t.m[1][i], m2 = t.m[2][i], m3 = t.m[3][i];
