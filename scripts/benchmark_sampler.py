@@ -208,8 +208,11 @@ def torch_available() -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
+SETTLE_S = 0.02  # untimed calls after each turn's pause (see time_interleaved)
+
+
 def time_interleaved(fns: dict[str, Callable], repeats: int, warmup: int, block: int = 5,
-                     pause: float = 0.01, settle: float = 0.02) -> tuple[dict, dict]:
+                     pause: float = 0.01, settle: float = SETTLE_S) -> tuple[dict, dict]:
     """Runs every function `warmup` times, then rounds in which each function in turn sleeps
     `pause` seconds, makes untimed calls for `settle` seconds (at least one) and `block` timed
     calls, until each has `repeats` timings.
@@ -259,7 +262,8 @@ def max_abs_diff(built) -> dict[str, float]:
     return {name: float(np.max(np.abs(out - ref))) for name, out in outs.items()}
 
 
-def bench_shape(shape, out_shape, impls, repeats, warmup, grids="affine", block=5, settle=0.02):
+def bench_shape(shape, out_shape, impls, repeats, warmup, grids="affine", block=5,
+                settle=SETTLE_S):
     image, grid, cot = make_data(shape, out_shape, grids=grids)
     built = {name: build(image, grid, cot) for name, build in impls.items()}
     io_bytes = image.nbytes + grid.nbytes + cot.nbytes  # cot has the output's size
@@ -350,7 +354,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs of each function first")
     parser.add_argument("--block", type=int, default=5,
                         help="timed calls in a row per turn (1: strict alternation)")
-    parser.add_argument("--settle-ms", type=float, default=20.0,
+    parser.add_argument("--settle-ms", type=float, default=SETTLE_S * 1e3,
                         help="untimed calls for this long after each turn's 10 ms pause, before "
                         "the timed block (at least one call; its time is the '1st ms' column)")
     parser.add_argument("--methods", default="",

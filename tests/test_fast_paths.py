@@ -308,16 +308,9 @@ def test_native_build_failure_is_reported(monkeypatch, tmp_path):
     assert list(tmp_path.iterdir()) == []  # no half-written library is left behind
 
 
-def _has_avx512() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return " avx512f" in f.read()
-    except OSError:
-        return False
-
-
 @needs_native
-@pytest.mark.skipif(not _has_avx512(), reason="without AVX-512 the tests above run the portable path")
+@pytest.mark.skipif(" avx512f" not in _native._cpu_flags(),
+                    reason="without AVX-512 the tests above run the portable path")
 def test_native_portable_build_matches_gather(tmp_path):
     # On an AVX-512 machine the float32 forward of 1 and 3 channels takes the intrinsics path;
     # build the kernels without AVX-512 (as on AVX2-only CPUs) and run the native tests again
