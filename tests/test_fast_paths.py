@@ -332,3 +332,41 @@ def test_native_portable_build_matches_gather(tmp_path):
     disassembly = subprocess.run(["objdump", "-d", str(library)], capture_output=True,
                                  text=True).stdout
     assert disassembly and "zmm" not in disassembly  # really built without AVX-512
+
+
+@jax.jit
+def _native_sample_grads_and_sums(image, grid, cotangent):
+    """Sample and both gradients, and their sums computed in the same executable right after
+    the kernels: a kernel that returned before its helpers' chunks were written would give
+    sums of unwritten memory."""
+    outs = _sample_and_grads(image, grid, cotangent, method="native")
+    return outs + tuple(jnp.sum(o, dtype=jnp.float64 if o.dtype == jnp.float64 else o.dtype)
+                        for o in outs)
+
+
+@needs_native
+def test_native_concurrent_callers_get_their_own_results():
+    # Several Python threads call the native kernels back to back, so calls overlap and the
+    # pool's lingering helper takes jobs posted by different callers (bilinear.cc, Threads):
+    # every result must be its own caller's, equal to the one computed alone.
+    import concurrent.futures
+
+    shapes = [(40, 16, 16, 1), (40, 16, 16, 3), (64, 28, 28, 1), (9, 20, 24, 2)]
+    keys = jax.random.split(jax.random.key(0), 3 * len(shapes))
+    images = [jax.random.normal(keys[3 * i], s) for i, s in enumerate(shapes)]
+    grids = [_random_affine_grid(keys[3 * i + 1], s[0], (14, 18)) for i, s in enumerate(shapes)]
+    cots = [jax.random.normal(keys[3 * i + 2], (s[0], 14, 18, s[3])) for i, s in enumerate(shapes)]
+    expected = [_native_sample_grads_and_sums(*args) for args in zip(images, grids, cots)]
+    reference = _sample_and_grads(images[0], grids[0], cots[0], method="gather")
+    for e, r in zip(expected[0], reference):
+        np.testing.assert_allclose(np.asarray(e), np.asarray(r), rtol=2e-5, atol=2e-5)
+
+    def run(k):
+        for _ in range(100):
+            got = _native_sample_grads_and_sums(images[k], grids[k], cots[k])
+            for g, e in zip(got, expected[k]):
+                np.testing.assert_array_equal(np.asarray(g), np.asarray(e))
+        return k
+
+    with concurrent.futures.ThreadPoolExecutor(len(shapes)) as pool:
+        assert sorted(pool.map(run, range(len(shapes)))) == list(range(len(shapes)))

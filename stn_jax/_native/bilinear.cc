@@ -20,8 +20,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -878,44 +880,146 @@ void BackwardRange(const T* image, const T* grid, const T* cot, T* d_image, T* d
   }
 }
 
-// Runs fn(begin, end) over [0, total) split into chunks of at least min_chunk, on the caller
-// and up to num_threads - 1 tasks of the pool, all taking chunks from a shared counter. The
-// caller returns when every chunk is done (it waits only for chunks other threads have
-// started), with a future that is then already complete. The count is of chunks, not of
-// tasks: if the machine is busy and a scheduled task does not get a core, the caller does its
-// chunks and the late task, when it runs, finds nothing left (it then touches no buffer). So a
-// descheduled worker never holds the result back, unlike a fork-join barrier.
+// ---- Threads ----
 //
-// (Waking every pool thread instead, so that a worker placed on the caller's CPU after an
-// idle spell would not matter, did not pay on the 2-vCPU test machine: the 256x28x28 forward
-// alone, after 10 ms pauses, was the same (0.11 ms after 20 ms of calls, 4 runs each), and in
-// scripts/benchmark_sampler.py, turns shared with torch, it was 0.166-0.245 ms in three runs
-// against 0.103-0.125 ms in three with one task.)
+// A call's work is a Job: chunks of [0, total) taken from a shared counter by the caller and
+// by helpers (tasks of XLA's intra-op pool). The result is ready when every chunk is done, and
+// the caller waits only for chunks other threads have started, so a helper that never got a
+// core costs nothing: when it runs, it finds no chunk left. The Job is reference-counted
+// because a late helper may look at its counter after the caller has returned.
+struct Job {
+  void (*run)(const void* fn, int64_t begin, int64_t end);
+  const void* fn;  // the caller's callable: only touched inside a chunk, which the caller awaits
+  int64_t total, step, chunks;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> finished{0};
+  std::atomic<int32_t> refs{1};
+
+  void Work() {
+    for (int64_t i = next.fetch_add(1); i < chunks; i = next.fetch_add(1)) {
+      run(fn, std::min(total, i * step), std::min(total, (i + 1) * step));
+      finished.fetch_add(1, std::memory_order_release);
+    }
+  }
+  void Acquire() { refs.fetch_add(1, std::memory_order_relaxed); }
+  void Release() {
+    if (refs.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
+  }
+};
+
+// A helper that has run out of chunks lingers: it spins for up to STN_JAX_NATIVE_LINGER_US
+// microseconds (default 100; 0 turns it off) waiting for the next call's job, which the caller
+// then posts here instead of scheduling a pool task. On the 2-vCPU test VM (timestamps in the
+// kernel, 256x28x28 forward, calls 15 us apart, median) the scheduled task often started
+// 50-65 us after pool.Schedule on every call of a 30-call burst, a third of the 0.1 ms call,
+// and only sometimes in about 1 us; a lingering helper starts in about 1 us. At most one
+// helper lingers, so at most one pool thread spins, for at most that long after a call.
+std::atomic<Job*> g_posted{nullptr};   // a job posted for the lingering helper
+std::atomic<int32_t> g_lingering{0};   // 1 while a helper lingers
+
+int64_t LingerNs() {
+  static const int64_t ns = [] {
+    const char* text = std::getenv("STN_JAX_NATIVE_LINGER_US");
+    const long long us = text ? std::atoll(text) : 100;
+    return int64_t(std::max<long long>(0, us)) * 1000;
+  }();
+  return ns;
+}
+
+inline void CpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+void Linger() {
+  const int64_t limit_ns = LingerNs();
+  while (limit_ns > 0) {
+    int32_t idle = 0;
+    if (!g_lingering.compare_exchange_strong(idle, 1, std::memory_order_acq_rel)) return;
+    const auto start = std::chrono::steady_clock::now();
+    Job* job = nullptr;
+    for (int spins = 0;; ++spins) {
+      if (g_posted.load(std::memory_order_relaxed) != nullptr &&
+          (job = g_posted.exchange(nullptr, std::memory_order_acq_rel)) != nullptr) {
+        break;
+      }
+      if ((spins & 63) == 0 && std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                   std::chrono::steady_clock::now() - start)
+                                       .count() > limit_ns) {
+        break;
+      }
+      CpuRelax();
+    }
+    g_lingering.store(0, std::memory_order_release);
+    // A job posted just as the time ran out is taken too (else its caller does it alone).
+    if (job == nullptr) job = g_posted.exchange(nullptr, std::memory_order_acq_rel);
+    if (job == nullptr) return;
+    job->Work();
+    job->Release();
+  }
+}
+
+// Runs fn(begin, end) over [0, total) split into chunks of at least min_chunk, on the caller
+// and up to num_threads - 1 helpers, and returns when every chunk is done, with a future that
+// is then already complete (returning a pending future cost XLA more in thread hand-offs).
+//
+// (Waking every pool thread instead of one, so that a helper placed on the caller's CPU after
+// an idle spell would not matter, did not pay on the 2-vCPU test machine: the 256x28x28
+// forward alone, after 10 ms pauses, was the same (0.11 ms after 20 ms of calls, 4 runs each),
+// and in scripts/benchmark_sampler.py, turns shared with torch, it was 0.166-0.245 ms in three
+// runs against 0.103-0.125 ms in three with one task.)
 template <typename F>
 ffi::Future ParallelFor(ffi::ThreadPool& pool, int64_t total, int64_t min_chunk, F fn) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t chunks =
       std::max<int64_t>(1, std::min<int64_t>(16 * threads, total / std::max<int64_t>(1, min_chunk)));
+  ffi::Promise promise;
+  ffi::Future future(promise);
   const int64_t tasks = std::min(threads, chunks);
-  const int64_t step = (total + chunks - 1) / chunks;
-  ffi::CountDownPromise done(chunks);
-  ffi::Future future(done);
-  auto next = std::make_shared<std::atomic<int64_t>>(0);
-  auto finished = std::make_shared<std::atomic<int64_t>>(0);
-  auto work = [fn, next, finished, total, step, chunks, done]() mutable {
-    for (int64_t i = next->fetch_add(1); i < chunks; i = next->fetch_add(1)) {
-      fn(std::min(total, i * step), std::min(total, (i + 1) * step));
-      finished->fetch_add(1, std::memory_order_release);
-      done.CountDown();
-    }
+  if (tasks <= 1) {
+    fn(0, total);
+    promise.SetAvailable();
+    return future;
+  }
+  Job* job = new Job;
+  job->run = [](const void* f, int64_t begin, int64_t end) {
+    (*static_cast<const F*>(f))(begin, end);
   };
-  for (int64_t i = 1; i < tasks; ++i) pool.Schedule(decltype(work)(work));
-  work();  // the caller's own share runs inline
-  // Wait here for the chunks other threads have started (at most one each): returning a
-  // pending future costs XLA more, in thread hand-offs, than this short wait.
-  for (int spins = 0; finished->load(std::memory_order_acquire) < chunks; ++spins) {
+  job->fn = &fn;
+  job->total = total;
+  job->chunks = chunks;
+  job->step = (total + chunks - 1) / chunks;
+  int64_t helpers = tasks - 1;
+  if (g_lingering.load(std::memory_order_acquire) != 0) {
+    job->Acquire();  // the post's reference, passed to the helper that takes it
+    Job* empty = nullptr;
+    if (g_posted.compare_exchange_strong(empty, job, std::memory_order_acq_rel)) {
+      --helpers;
+    } else {
+      job->Release();
+    }
+  }
+  for (int64_t i = 0; i < helpers; ++i) {
+    job->Acquire();
+    pool.Schedule([job] {
+      job->Work();
+      job->Release();
+      Linger();
+    });
+  }
+  job->Work();  // the caller's own share runs inline
+  Job* posted = job;
+  if (g_posted.compare_exchange_strong(posted, nullptr, std::memory_order_acq_rel)) {
+    job->Release();  // nobody took the post
+  }
+  for (int spins = 0; job->finished.load(std::memory_order_acquire) < chunks; ++spins) {
     if (spins > 64) std::this_thread::yield();
   }
+  job->Release();
+  promise.SetAvailable();
   return future;
 }
 
