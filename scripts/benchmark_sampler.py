@@ -18,8 +18,8 @@ for ``--settle-ms``, then ``--block`` timed calls each), so a burst of load from
 processes hits all of them alike and no runtime's spinning worker threads are billed to the
 next; the reported time ("median ms") is the median over the repeats after warm-up, and ratios
 are to torch's median in the same run. "1st ms" is the median of the first call of each turn,
-the first after 10 ms idle: XLA's worker threads park when idle and take tens of microseconds
-to wake (torch's OpenMP threads spin through the pause), which costs small shapes the most.
+the first after 10 ms idle: worker threads park when idle and take tens of microseconds to
+wake, which costs small shapes the most.
 
 Peak memory: for JAX, XLA's buffer assignment of the compiled function (arguments + outputs +
 temporaries, ``compiled.memory_analysis()``), also given as a multiple of the bytes of
@@ -223,10 +223,10 @@ def time_interleaved(fns: dict[str, Callable], repeats: int, warmup: int, block:
     Taking turns spreads bursts of load from other processes over all functions; the pause
     keeps one runtime's worker threads (torch's OpenMP threads spin for a while after each
     call) from stealing the cores from the calls timed after it. The settle time lets each
-    runtime reach the state it has in a loop of calls: after 10 ms idle on the 2-vCPU test VM,
-    XLA's pool workers wake late or on the caller's vCPU until the calls have kept both busy
-    for 5-20 ms (the 256x28x28 forward: 0.18 ms a call after 5 ms of calls, 0.115 ms after
-    20 ms, four processes each). The first call after the pause is reported as `first`.
+    runtime reach the state it has in a loop of calls: after 10 ms idle no worker thread of
+    either runtime is spinning, and the first calls pay for waking them (the 256x28x28 forward
+    on the 2-vCPU test VM: 0.19 ms for the first call, 0.11 ms after the settle). The first
+    call after the pause is reported as `first`.
     """
     for fn in fns.values():
         for _ in range(warmup):

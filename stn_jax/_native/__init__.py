@@ -11,7 +11,9 @@ The cached library lives in ``$STN_JAX_NATIVE_CACHE_DIR`` or ``~/.cache/stn_jax/
 flags, the jaxlib version and this CPU's feature flags (the build uses ``-march=native``), so a
 stale or foreign build is never loaded. ``STN_JAX_NATIVE=0`` disables the native path;
 ``CXX`` picks the compiler (default ``g++``). ``python -m stn_jax._native`` builds it ahead of
-time and prints where it is.
+time and prints where it is. ``STN_JAX_NATIVE_LINGER_US`` (default 100, read once per process)
+is how long a pool thread that helped with one call spins waiting for the next before it goes
+back to the pool; 0 turns that off (see ``docs/performance.md``).
 """
 
 from __future__ import annotations
