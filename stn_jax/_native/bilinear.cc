@@ -914,8 +914,17 @@ struct Job {
 // 50-65 us after pool.Schedule on every call of a 30-call burst, a third of the 0.1 ms call,
 // and only sometimes in about 1 us; a lingering helper starts in about 1 us. At most one
 // helper lingers, so at most one pool thread spins, for at most that long after a call.
-std::atomic<Job*> g_posted{nullptr};   // a job posted for the lingering helper
-std::atomic<int32_t> g_lingering{0};   // 1 while a helper lingers
+std::atomic<Job*> g_posted{nullptr};  // a job posted for the lingering helper
+// When the lingering helper stops waiting (steady-clock ns; 0 or past: nobody lingers). A
+// deadline rather than a flag, so that nothing depends on the helper clearing it: in a forked
+// child, whose helper thread does not exist, it simply passes.
+std::atomic<int64_t> g_linger_until{0};
+
+int64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
 
 int64_t LingerNs() {
   static const int64_t ns = [] {
@@ -937,23 +946,22 @@ inline void CpuRelax() {
 void Linger() {
   const int64_t limit_ns = LingerNs();
   while (limit_ns > 0) {
-    int32_t idle = 0;
-    if (!g_lingering.compare_exchange_strong(idle, 1, std::memory_order_acq_rel)) return;
-    const auto start = std::chrono::steady_clock::now();
+    const int64_t now = NowNs();
+    int64_t until = g_linger_until.load(std::memory_order_acquire);
+    if (until > now) return;  // another helper lingers
+    const int64_t mine = now + limit_ns;
+    if (!g_linger_until.compare_exchange_strong(until, mine, std::memory_order_acq_rel)) return;
     Job* job = nullptr;
     for (int spins = 0;; ++spins) {
       if (g_posted.load(std::memory_order_relaxed) != nullptr &&
           (job = g_posted.exchange(nullptr, std::memory_order_acq_rel)) != nullptr) {
         break;
       }
-      if ((spins & 63) == 0 && std::chrono::duration_cast<std::chrono::nanoseconds>(
-                                   std::chrono::steady_clock::now() - start)
-                                       .count() > limit_ns) {
-        break;
-      }
+      if ((spins & 63) == 0 && NowNs() > mine) break;
       CpuRelax();
     }
-    g_lingering.store(0, std::memory_order_release);
+    int64_t expected = mine;  // stop lingering, unless another helper has begun since
+    g_linger_until.compare_exchange_strong(expected, 0, std::memory_order_acq_rel);
     // A job posted just as the time ran out is taken too (else its caller does it alone).
     if (job == nullptr) job = g_posted.exchange(nullptr, std::memory_order_acq_rel);
     if (job == nullptr) return;
@@ -993,7 +1001,7 @@ ffi::Future ParallelFor(ffi::ThreadPool& pool, int64_t total, int64_t min_chunk,
   job->chunks = chunks;
   job->step = (total + chunks - 1) / chunks;
   int64_t helpers = tasks - 1;
-  if (g_lingering.load(std::memory_order_acquire) != 0) {
+  if (g_linger_until.load(std::memory_order_acquire) > NowNs()) {
     job->Acquire();  // the post's reference, passed to the helper that takes it
     Job* empty = nullptr;
     if (g_posted.compare_exchange_strong(empty, job, std::memory_order_acq_rel)) {
