@@ -910,10 +910,10 @@ struct Job {
 // A helper that has run out of chunks lingers: it spins for up to STN_JAX_NATIVE_LINGER_US
 // microseconds (default 100; 0 turns it off) waiting for the next call's job, which the caller
 // then posts here instead of scheduling a pool task. On the 2-vCPU test VM (timestamps in the
-// kernel, 256x28x28 forward, calls 15 us apart, median) the scheduled task often started
-// 50-65 us after pool.Schedule on every call of a 30-call burst, a third of the 0.1 ms call,
-// and only sometimes in about 1 us; a lingering helper starts in about 1 us. At most one
-// helper lingers, so at most one pool thread spins, for at most that long after a call.
+// kernel, 256x28x28 forward, calls 15 us apart, median), in some 30-call bursts the scheduled
+// task started 50-65 us after pool.Schedule on every call, a third of the 0.1 ms call, and in
+// others in about 1 us; a lingering helper starts in about 1 us. At most one helper lingers,
+// so at most one pool thread spins, for at most that long after a call.
 std::atomic<Job*> g_posted{nullptr};  // a job posted for the lingering helper
 // When the lingering helper stops waiting (steady-clock ns; 0 or past: nobody lingers). A
 // deadline rather than a flag, so that nothing depends on the helper clearing it: in a forked
