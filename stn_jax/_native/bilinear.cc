@@ -26,7 +26,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <memory>
 #include <thread>
 #include <type_traits>
 
@@ -400,14 +399,10 @@ inline void ComputeTapsVector(const float* grid, int64_t count, int64_t h, int64
   }
 }
 
+#if !defined(__AVX512F__)
 // img[idx] for kLanes indices.
 STN_INLINE VF Gather(const float* img, VI idx) {
-#if defined(__AVX512F__)
-  __m512i i;
-  std::memcpy(&i, &idx, sizeof(i));
-  const __m512 r = _mm512_i32gather_ps(i, img, 4);
-  return LoadV<VF>(&r);
-#elif defined(__AVX2__)
+#if defined(__AVX2__)
   __m256i i;
   std::memcpy(&i, &idx, sizeof(i));
   const __m256 r = _mm256_i32gather_ps(img, i, 4);
@@ -419,10 +414,11 @@ STN_INLINE VF Gather(const float* img, VI idx) {
 #endif
 }
 
-// Forward of one channel, float32, zeros / border: taps and gathers in one pass, nothing
-// stored between them. (The same for three channels, with stride-3 gathers and the channels
-// interleaved lane by lane, was slower than the block-wise loop below; so was fusing the
-// backward, whose scatter-add bounds it.)
+// Forward of one channel, float32, zeros / border, on CPUs without AVX-512 (ForwardAvx512
+// below replaces it there): taps and gathers in one pass, nothing stored between them. (The
+// same for three channels, with stride-3 gathers and the channels interleaved lane by lane,
+// was slower than the block-wise loop; so was fusing the backward, whose scatter-add bounds
+// it.)
 template <int32_t kPad, bool kAlign>
 inline void ForwardFusedC1(const float* img, const float* grid, float* out, int64_t count,
                            int64_t h, int64_t w) {
@@ -447,6 +443,7 @@ inline void ForwardFusedC1(const float* img, const float* grid, float* out, int6
     }
   }
 }
+#endif  // !__AVX512F__
 
 #if defined(__AVX512F__)
 // The forward of 16 float32 points in zeros / border mode with AVX-512 intrinsics: the fewest
@@ -945,7 +942,8 @@ inline void CpuRelax() {
 
 void Linger() {
   const int64_t limit_ns = LingerNs();
-  while (limit_ns > 0) {
+  if (limit_ns <= 0) return;
+  for (;;) {  // after each job taken, linger again
     const int64_t now = NowNs();
     int64_t until = g_linger_until.load(std::memory_order_acquire);
     if (until > now) return;  // another helper lingers
@@ -973,12 +971,7 @@ void Linger() {
 // Runs fn(begin, end) over [0, total) split into chunks of at least min_chunk, on the caller
 // and up to num_threads - 1 helpers, and returns when every chunk is done, with a future that
 // is then already complete (returning a pending future cost XLA more in thread hand-offs).
-//
-// (Waking every pool thread instead of one, so that a helper placed on the caller's CPU after
-// an idle spell would not matter, did not pay on the 2-vCPU test machine: the 256x28x28
-// forward alone, after 10 ms pauses, was the same (0.11 ms after 20 ms of calls, 4 runs each),
-// and in scripts/benchmark_sampler.py, turns shared with torch, it was 0.166-0.245 ms in three
-// runs against 0.103-0.125 ms in three with one task.)
+// Waking every pool thread instead of one did not pay (docs/performance.md, Threads).
 template <typename F>
 ffi::Future ParallelFor(ffi::ThreadPool& pool, int64_t total, int64_t min_chunk, F fn) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
