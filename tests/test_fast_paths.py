@@ -340,8 +340,7 @@ def _native_sample_grads_and_sums(image, grid, cotangent):
     the kernels: a kernel that returned before its helpers' chunks were written would give
     sums of unwritten memory."""
     outs = _sample_and_grads(image, grid, cotangent, method="native")
-    return outs + tuple(jnp.sum(o, dtype=jnp.float64 if o.dtype == jnp.float64 else o.dtype)
-                        for o in outs)
+    return outs + tuple(jnp.sum(o) for o in outs)
 
 
 @needs_native
