@@ -58,6 +58,31 @@ import stn_jax
 DISTORTIONS = ("R", "RTS", "P", "E", "TC")
 COMBINE_MODES = ("add", "max")
 
+# The paper's settings of each distortion, in one place: the generators' defaults, the data
+# pipeline and the config files (configs/common.py) all read them. Tags as in
+# docs/experiment_details.md: [P] the paper says so, [S] a source close to it, [?] our choice.
+_SHARED_SETTINGS = {
+    "rotation_deg": 0.0,  # R, RTS: angle drawn from U[-rotation_deg, rotation_deg].
+    "scale_min": 1.0,  # R, RTS, P, E, TC: scale drawn from U[scale_min, scale_max].
+    "scale_max": 1.0,  # Upper end of that scale range.
+    "corner_std_px": 5.0,  # P: std of the corner moves in pixels [?].
+    "control_std_px": 1.5,  # E: std of the TPS control point moves in pixels [S].
+    "control_grid_size": 4,  # E: control points per side of the TPS lattice [P: 16 points].
+    "clutter_count": 6,  # TC: clutter crops per image [S].
+    "clutter_size": 6,  # TC: side of a clutter crop in pixels [?].
+    "clutter_combine": "add",  # TC: add (sum clipped to [0, 1]) | max, digit and crops [?].
+}
+PAPER_SETTINGS = {
+    name: {"canvas": own["canvas"], **_SHARED_SETTINGS, **own}
+    for name, own in {
+        "R": {"canvas": 28, "rotation_deg": 90.0},  # [P] 28x28, +-90 degrees.
+        "RTS": {"canvas": 42, "rotation_deg": 45.0, "scale_min": 0.7, "scale_max": 1.2},  # [S]
+        "P": {"canvas": 28, "scale_min": 0.75, "scale_max": 1.0},  # [?] canvas and scale.
+        "E": {"canvas": 28, "scale_min": 0.75, "scale_max": 1.0},  # [?] canvas and scale.
+        "TC": {"canvas": 60},  # [P] 60x60, translation only.
+    }.items()
+}
+
 
 def _check_digits(digits: ArrayLike) -> jax.Array:
     digits = jnp.asarray(digits)
@@ -170,10 +195,10 @@ def rotate(
     key: jax.Array,
     digits: ArrayLike,
     *,
-    canvas: int = 28,
-    rotation_deg: float = 90.0,
-    scale_min: float = 1.0,
-    scale_max: float = 1.0,
+    canvas: int = PAPER_SETTINGS["R"]["canvas"],
+    rotation_deg: float = PAPER_SETTINGS["R"]["rotation_deg"],
+    scale_min: float = PAPER_SETTINGS["R"]["scale_min"],
+    scale_max: float = PAPER_SETTINGS["R"]["scale_max"],
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """R: rotate each digit about its centre by U[-rotation_deg, rotation_deg] degrees.
 
@@ -214,10 +239,10 @@ def rotate_translate_scale(
     key: jax.Array,
     digits: ArrayLike,
     *,
-    canvas: int = 42,
-    rotation_deg: float = 45.0,
-    scale_min: float = 0.7,
-    scale_max: float = 1.2,
+    canvas: int = PAPER_SETTINGS["RTS"]["canvas"],
+    rotation_deg: float = PAPER_SETTINGS["RTS"]["rotation_deg"],
+    scale_min: float = PAPER_SETTINGS["RTS"]["scale_min"],
+    scale_max: float = PAPER_SETTINGS["RTS"]["scale_max"],
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """RTS: rotate, scale and place each digit at a random position on a larger canvas.
 
@@ -304,10 +329,10 @@ def projective(
     key: jax.Array,
     digits: ArrayLike,
     *,
-    canvas: int = 28,
-    scale_min: float = 0.75,
-    scale_max: float = 1.0,
-    corner_std_px: float = 5.0,
+    canvas: int = PAPER_SETTINGS["P"]["canvas"],
+    scale_min: float = PAPER_SETTINGS["P"]["scale_min"],
+    scale_max: float = PAPER_SETTINGS["P"]["scale_max"],
+    corner_std_px: float = PAPER_SETTINGS["P"]["corner_std_px"],
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """P: scale about the centre, jitter the 4 frame corners, warp by the homography.
 
@@ -361,11 +386,11 @@ def elastic(
     key: jax.Array,
     digits: ArrayLike,
     *,
-    canvas: int = 28,
-    scale_min: float = 0.75,
-    scale_max: float = 1.0,
-    control_std_px: float = 1.5,
-    control_grid_size: int = 4,
+    canvas: int = PAPER_SETTINGS["E"]["canvas"],
+    scale_min: float = PAPER_SETTINGS["E"]["scale_min"],
+    scale_max: float = PAPER_SETTINGS["E"]["scale_max"],
+    control_std_px: float = PAPER_SETTINGS["E"]["control_std_px"],
+    control_grid_size: int = PAPER_SETTINGS["E"]["control_grid_size"],
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """E: scale, jitter a regular lattice of control points, warp by a thin plate spline.
 
@@ -443,11 +468,11 @@ def cluttered(
     digits: ArrayLike,
     clutter_sources: ArrayLike,
     *,
-    canvas: int = 60,
-    clutter_size: int = 6,
-    scale_min: float = 1.0,
-    scale_max: float = 1.0,
-    combine: str = "add",
+    canvas: int = PAPER_SETTINGS["TC"]["canvas"],
+    clutter_size: int = PAPER_SETTINGS["TC"]["clutter_size"],
+    scale_min: float = PAPER_SETTINGS["TC"]["scale_min"],
+    scale_max: float = PAPER_SETTINGS["TC"]["scale_max"],
+    combine: str = PAPER_SETTINGS["TC"]["clutter_combine"],
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """TC: the digit at a random place on a black canvas, plus random crops of other digits.
 

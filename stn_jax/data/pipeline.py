@@ -39,8 +39,9 @@ from stn_jax.data import mnist
 
 NUM_CLASSES = 10
 
-# Every field of data_config, with the defaults shared by all distortions.
-_COMMON_DEFAULTS = {
+# Every field of data_config besides the distortion's own settings (those come from
+# distortions.PAPER_SETTINGS, the one place the paper's numbers are written).
+_SOURCE_DEFAULTS = {
     "source": "auto",  # "auto" | "tfds" | "idx" | "bundled" (stn_jax.data.mnist)
     "tfds_dir": "",  # TFDS data_dir; "" = TFDS default
     "idx_dir": "",  # directory of the 4 IDX files for source="idx"
@@ -50,26 +51,8 @@ _COMMON_DEFAULTS = {
     "bundled_test_fraction": 0.2,  # bundled source: share of each class held out as test
     "num_train": -1,  # -1 = all training digits; n > 0 = a fixed subset of n
     "num_test": -1,  # -1 = all test digits; n > 0 = a fixed subset of n
-    "canvas": 28,  # side of the distorted image
-    "rotation_deg": 0.0,  # rotation half-range (R 90 [P], RTS 45 [S])
-    "scale_min": 1.0,  # scale range (RTS 0.7-1.2 [S]; P, E 0.75-1.0 [?])
-    "scale_max": 1.0,
-    "corner_std_px": 5.0,  # P: corner displacement std, px [?]
-    "control_std_px": 1.5,  # E: control point displacement std, px [S]
-    "control_grid_size": 4,  # E: 4x4 = 16 control points [P]
-    "clutter_count": 6,  # TC: number of clutter crops [S]
-    "clutter_size": 6,  # TC: side of a clutter crop, px [?]
-    "clutter_combine": "add",  # TC: "add" (sum clipped to [0, 1]) | "max" of digit and crops [?]
 }
-
-_PER_DISTORTION = {
-    "R": {"canvas": 28, "rotation_deg": 90.0, "scale_min": 1.0, "scale_max": 1.0},
-    "RTS": {"canvas": 42, "rotation_deg": 45.0, "scale_min": 0.7, "scale_max": 1.2},
-    "P": {"canvas": 28, "rotation_deg": 0.0, "scale_min": 0.75, "scale_max": 1.0},
-    "E": {"canvas": 28, "rotation_deg": 0.0, "scale_min": 0.75, "scale_max": 1.0},
-    "TC": {"canvas": 60, "rotation_deg": 0.0, "scale_min": 1.0, "scale_max": 1.0},
-}
-
+_COMMON_DEFAULTS = {**_SOURCE_DEFAULTS, **distortions.PAPER_SETTINGS["R"]}
 DATA_FIELDS = tuple(_COMMON_DEFAULTS)
 
 # Which data_config fields each generator takes as keyword arguments.
@@ -93,11 +76,12 @@ def default_data_config(distortion: str) -> dict[str, Any]:
       >>> default_data_config("RTS")["canvas"], default_data_config("RTS")["scale_max"]
       (42, 1.2)
     """
-    if distortion not in _PER_DISTORTION:
+    if distortion not in distortions.PAPER_SETTINGS:
         raise ValueError(
             f"distortion must be one of {distortions.DISTORTIONS}, got {distortion!r}"
         )
-    return {**_COMMON_DEFAULTS, **_PER_DISTORTION[distortion], "distortion": distortion}
+    return {**_SOURCE_DEFAULTS, **distortions.PAPER_SETTINGS[distortion],
+            "distortion": distortion}
 
 
 def _read_config(data_config: Mapping[str, Any] | Any) -> dict[str, Any]:
