@@ -136,3 +136,108 @@ def mnist_config(distortion: str, arg: str | None = None) -> ml_collections.Conf
 
     config.lock()
     return config
+
+
+# --- Sweeps: named lists of trials, plain data (run by `python -m experiments.sweep`) ----------
+#
+# A trial is a dict of overrides of the config file that the runner was given:
+#   "config_file": "configs/mnist_r.py"   another config file (path from the repository root);
+#   "model": "cnn"                        a variant (the text after the colon);
+#   "config.seed": 1                      a field, as `--config.seed=1` would set it.
+# The runner builds every trial's config before it runs anything, so an unknown sweep, variant
+# or field fails at once.
+
+
+def axis(key: str, values) -> list[dict]:
+    """One override key over several values: one trial dict per value.
+
+    Example:
+        >>> axis("config.seed", [0, 1])
+        [{'config.seed': 0}, {'config.seed': 1}]
+    """
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"key must be a non-empty string, got {key!r}")
+    return [{key: value} for value in values]
+
+
+def product(*factors: list[dict]) -> list[dict]:
+    """Every combination of one trial dict from each factor, merged left to right.
+
+    Args:
+        *factors: lists of override dicts (e.g. from `axis`, or lists written out).
+
+    Returns:
+        len(f1) * len(f2) * ... dicts, the last factor varying fastest.
+
+    Raises:
+        ValueError: two factors setting the same key in one combination.
+
+    Example:
+        >>> product(axis("model", ["fcn", "cnn"]), axis("config.seed", [0, 1]))[1]
+        {'model': 'fcn', 'config.seed': 1}
+    """
+    trials = [{}]
+    for factor in factors:
+        merged = []
+        for trial in trials:
+            for overrides in factor:
+                clash = set(trial) & set(overrides)
+                if clash:
+                    raise ValueError(f"factors of product both set {sorted(clash)}")
+                merged.append({**trial, **overrides})
+        trials = merged
+    return trials
+
+
+def zip_(*factors: list[dict]) -> list[dict]:
+    """The i-th trial dicts of all factors merged (factors of equal length; `zip` is the builtin).
+
+    Example:
+        >>> zip_(axis("model", ["fcn", "cnn"]), axis("config.train.num_steps", [10, 20]))
+        [{'model': 'fcn', 'config.train.num_steps': 10}, {'model': 'cnn', 'config.train.num_steps': 20}]
+    """
+    lengths = {len(factor) for factor in factors}
+    if len(lengths) > 1:
+        raise ValueError(f"factors of zip_ must have equal lengths, got {[len(f) for f in factors]}")
+    return [product(*([overrides] for overrides in row))[0] for row in zip(*factors)]
+
+
+def sweep(sweeps: dict[str, list[dict]], name: str) -> list[dict]:
+    """The trials of the sweep called `name`; ValueError (with a did-you-mean) if there is none."""
+    if name not in sweeps:
+        close = difflib.get_close_matches(name, sweeps, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"sweep {name!r} is unknown{hint}: valid sweeps are {sorted(sweeps)}")
+    return [dict(trial) for trial in sweeps[name]]
+
+
+MNIST_CONFIG_FILES = {d: f"configs/mnist_{d.lower()}.py" for d in ("R", "RTS", "P", "E", "TC")}
+MNIST_SEEDS = (0, 1, 2)  # Table 1 is a mean over 3 seeds [S].
+
+
+def mnist_sweeps(distortion: str) -> dict[str, list[dict]]:
+    """The named sweeps of the MNIST config files (each file offers all of them).
+
+    table1:    Table 1: R, RTS, P, E x FCN, CNN, ST-FCN and ST-CNN (Aff, Proj, TPS) x 3 seeds (96).
+    tc:        the TC line of the text: FCN, CNN, ST-FCN, ST-CNN (affine) x 3 seeds (12).
+    column:    this file's distortion only, the 8 models of Table 1 x 3 seeds (24).
+    cnn_vs_st: this file's distortion, CNN and ST-CNN Aff x 3 seeds (6).
+
+    Variants given with the runner's --config (e.g. `:runlocal=True`) apply to every trial.
+    """
+    if distortion not in MNIST_CONFIG_FILES:
+        raise ValueError(f"distortion must be one of {tuple(MNIST_CONFIG_FILES)}, got {distortion!r}")
+    seeds = axis("config.seed", MNIST_SEEDS)
+    models = axis("model", ["fcn", "cnn"]) + product(
+        axis("model", ["st_fcn", "st_cnn"]), axis("transform", ["affine", "projective", "tps"]))
+
+    def files(*names):
+        return axis("config_file", [MNIST_CONFIG_FILES[name] for name in names])
+
+    return {
+        "table1": product(files("R", "RTS", "P", "E"), models, seeds),
+        "tc": product(files("TC"), axis("model", ["fcn", "cnn", "st_fcn", "st_cnn"]), seeds),
+        "column": product(files(distortion), models, seeds),
+        "cnn_vs_st": product(files(distortion),
+                             [{"model": "cnn"}, {"model": "st_cnn", "transform": "affine"}], seeds),
+    }

@@ -26,3 +26,10 @@ from configs import common  # noqa: E402  (the repository root is now importable
 def get_config(arg=None):
     """The locked config; `arg` is the 'key=value,...' text after the colon."""
     return common.mnist_config("E", arg)
+
+
+def get_sweep(name):
+    """The trials of a named sweep (table1, tc, column, cnn_vs_st: see common.mnist_sweeps), e.g.
+    `python -m experiments.sweep --config=configs/mnist_e.py:runlocal=True --sweep=column --workdir=DIR`.
+    """
+    return common.sweep(common.mnist_sweeps("E"), name)
