@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable
 CONFIG_FILE_KEY = "config_file"
 FIELD_PREFIX = "config."
 MANIFEST = "manifest.jsonl"
+INTERRUPTED_EXIT = 75  # experiments.train's status after SIGTERM or Ctrl-C saved a checkpoint.
 LOG = "sweep_log.txt"  # The trial's stdout and stderr, in its workdir.
 RESULT_KEYS = ("test_error_pct", "test_accuracy", "steps", "wall_time_s", "num_params",
                "data_source", "resumed_from_step")
@@ -500,7 +501,7 @@ def run_sweep(trials: list[Trial], launcher, *, workdir: str, parallel: int = 1,
                 progress(f"FAILED {trial.name}: {failure}")
             elif returncode != 0:
                 error = f"exit code {returncode}: {_last_error_line(log_path)}"
-                if stop.is_set():
+                if stop.is_set() or returncode == INTERRUPTED_EXIT:
                     summary.interrupted.append(trial.name)
                     manifest.record(trial, "interrupted", error=error, log=log_path)
                     progress(f"interrupted {trial.name} ({error})")
@@ -516,7 +517,7 @@ def run_sweep(trials: list[Trial], launcher, *, workdir: str, parallel: int = 1,
                 manifest.record(trial, "submitted", job_id=job[0].split(";")[0], log=log_path)
                 progress(f"submitted {trial.name} as job {job[0]}")
             elif result is None and launcher.reads_metrics:
-                # experiments.train exits 0 without metrics.json when SIGTERM stopped it.
+                # An older experiments.train exited 0 without metrics.json after SIGTERM.
                 summary.interrupted.append(trial.name)
                 manifest.record(trial, "interrupted", log=log_path, duration_s=seconds)
                 progress(f"interrupted {trial.name} (checkpoint saved; rerun resumes it)")

@@ -160,9 +160,9 @@ def test_dry_run_prints_commands_and_runs_nothing(tmp_path):
 
 # --- The runner, with a stand-in for experiments.train ------------------------------------------
 
-# Follows experiments.train's contract: resumes from <workdir>/ckpt, exits 0 without metrics.json
+# Follows experiments.train's contract: resumes from <workdir>/ckpt, exits 75 without metrics.json
 # when SIGTERM stops it, writes metrics.json when done. `--config.train.num_steps=-1` fails;
-# `--config.train.num_steps=0` waits for SIGTERM. Every start is appended to <workdir>/starts.
+# `--config.train.num_steps=0` waits for SIGTERM, `-2` exits 75 at once. Every start is appended to <workdir>/starts.
 _FAKE_TRAIN = r"""
 import json, os, signal, sys, time
 args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
@@ -171,10 +171,12 @@ seed = int(args.get("config.seed", "0"))
 open(os.path.join(workdir, "starts"), "a").write("start\n")
 ckpt = os.path.join(workdir, "ckpt")
 resumed = int(open(ckpt).read()) if os.path.exists(ckpt) else 0
+if steps == -2:
+    sys.exit(75)  # Preempted from outside: a checkpoint was saved.
 if steps < 0:
     raise ValueError("boom in " + workdir)
 if steps == 0 and not resumed:
-    signal.signal(signal.SIGTERM, lambda *_: (open(ckpt, "w").write("7"), sys.exit(0)))
+    signal.signal(signal.SIGTERM, lambda *_: (open(ckpt, "w").write("7"), sys.exit(75)))
     open(os.path.join(workdir, "waiting"), "w").close()
     time.sleep(60)
     sys.exit(3)
@@ -247,6 +249,14 @@ def test_stop_interrupts_and_rerun_resumes_from_the_checkpoint(tmp_path):
     assert [_starts(workdir, t) for t in trials] == [1, 2, 1]
     result = sweep_lib.read_manifest(workdir)[trials[1].name]["result"]
     assert result["resumed_from_step"] == 7  # The same command picked up its checkpoint.
+
+
+def test_exit_75_is_an_interruption_not_a_failure(tmp_path):
+    trials = _trials(-2)
+    summary = sweep_lib.run_sweep(trials, FakeLauncher(), workdir=str(tmp_path),
+                                  print_fn=lambda line: None)
+    assert (summary.interrupted, summary.failed) == ([trials[0].name], [])
+    assert sweep_lib.read_manifest(str(tmp_path))[trials[0].name]["state"] == "interrupted"
 
 
 def test_a_torn_manifest_line_and_a_stale_running_state_are_survived(tmp_path):
