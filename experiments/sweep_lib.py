@@ -427,8 +427,12 @@ def run_sweep(trials: list[Trial], launcher, *, workdir: str, parallel: int = 1,
     to_run, skipped = [], []
     for trial in trials:
         last = previous.get(trial.name, {})
-        finished = launcher.reads_metrics and read_result(trial_workdir(workdir, trial))
-        if finished or last.get("state") == "done":
+        # Done is a metrics.json where this machine can read it, else the manifest's word.
+        if launcher.reads_metrics:
+            finished = read_result(trial_workdir(workdir, trial)) is not None
+        else:
+            finished = last.get("state") == "done"
+        if finished:
             skipped.append(trial.name)
         elif last.get("state") == "submitted" and not resubmit:
             skipped.append(trial.name)

@@ -106,7 +106,7 @@ def place(metrics: dict) -> tuple[str, str, str, float] | None:
     config, error = metrics.get("config", {}), metrics.get("test_error_pct")
     if not isinstance(error, (int, float)) or not math.isfinite(error):
         return None
-    task = config.get("task", "mnist")
+    task = metrics.get("task") or config.get("task", "mnist")  # None: written before tasks.
     if task == "mnist":
         distortion, name = _get(config, "data.distortion"), _get(config, "model.name")
         if name not in _MNIST_ROWS:
