@@ -1,45 +1,122 @@
-r"""Trains one distorted-MNIST model: flags -> `stn_jax.train.train_and_evaluate`.
+r"""Trains one model of any experiment family: flags -> `stn_jax.train.train_and_evaluate`.
 
-Half a minute of training on 2 CPU cores (ST-CNN on RTS at the config's `runlocal` size):
+Half a minute of training on 2 CPU cores (ST-CNN on distorted MNIST RTS, `runlocal` size):
 
   python -m experiments.train --config=configs/mnist_rts.py:runlocal=True --workdir=/tmp/run
 
-The paper's schedule (150k steps; for an accelerator), another model, or one field changed:
+The paper's schedule (for an accelerator), another model, or one field changed:
 
-  python -m experiments.train --config=configs/mnist_rts.py --workdir=/tmp/mnist_rts
+  python -m experiments.train --config=configs/mnist_rts.py
   python -m experiments.train --config=configs/mnist_e.py:model=st_cnn,transform=tps \
       --workdir=/tmp/mnist_e_tps
   python -m experiments.train --config=configs/mnist_rts.py:runlocal=True \
       --config.train.num_steps=500 --workdir=/tmp/run500
 
-Running the same command again on the same workdir resumes from its newest checkpoint (or just
-re-evaluates a finished run). Results: `<workdir>/metrics.json`, pictures in
-`<workdir>/pictures/`, TensorBoard logs in `<workdir>/tb` (`tensorboard --logdir <workdir>/tb`).
+Without --workdir the run goes to runs/<config name>[_<variants>] under the current folder
+(printed at the start). Running the same command again resumes from the newest checkpoint
+(or re-evaluates a finished run). Results: `<workdir>/metrics.json`, pictures in
+`<workdir>/pictures/`, TensorBoard logs in `<workdir>/tb`.
+
+Many hosts (a TPU pod, a Slurm or MPI GPU cluster): the same command on every host with
+--distributed (`jax.distributed.initialize()` finds the others by itself there); elsewhere give
+--coordinator_address, --num_processes and --process_id, e.g. two processes on one machine:
+
+  python -m experiments.train --config=configs/mnist_rts.py:runlocal=True --workdir=/tmp/two \
+      --distributed --coordinator_address=localhost:12355 --num_processes=2 --process_id=0 &
+  python -m experiments.train --config=configs/mnist_rts.py:runlocal=True --workdir=/tmp/two \
+      --distributed --coordinator_address=localhost:12355 --num_processes=2 --process_id=1
+
+A stop by SIGTERM or Ctrl-C saves a checkpoint and exits with status 75 (rerun to resume); a
+bad config or flag exits with status 2 and one line saying what is wrong.
 """
 
 from __future__ import annotations
+
+import os
+import re
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from stn_jax.train import train_and_evaluate
-
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/mnist_rts.py:runlocal=True.", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Where checkpoints, logs, pictures and metrics.json go."
-)
-flags.mark_flags_as_required(["config", "workdir"])
+    "workdir", None,
+    "Where checkpoints, logs, pictures and metrics.json go (default: runs/<config>_<variants>).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() first (pods, clusters).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (with --distributed; default: auto).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Number of processes (with --distributed; default: auto).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index (with --distributed; default: auto).")
+flags.mark_flags_as_required(["config"])
+
+
+def default_workdir(config_arg: str) -> str:
+    """runs/<config file stem>[_<variants>] for a --config value like 'configs/x.py:a=1,b=2'.
+
+    Example:
+        >>> default_workdir("configs/mnist_rts.py:model=cnn,runlocal=True")
+        'runs/mnist_rts_model=cnn,runlocal=True'
+    """
+    path, _, variants = config_arg.partition(":")
+    name = os.path.splitext(os.path.basename(path))[0]
+    variants = re.sub(r"[^A-Za-z0-9=,._-]+", "_", variants.replace(" ", ""))
+    return os.path.join("runs", name + (f"_{variants}" if variants else ""))
+
+
+def _initialize_distributed() -> None:
+    import jax
+
+    kwargs = {k: v for k, v in (("coordinator_address", _COORDINATOR.value),
+                                ("num_processes", _NUM_PROCESSES.value),
+                                ("process_id", _PROCESS_ID.value)) if v is not None}
+    if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
+        # CPU collectives between processes (tests, one machine); accelerators bring their own.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kwargs)
+    logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.info("config:\n%s", _CONFIG.value)
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if not _DISTRIBUTED.value and any(
+            f.value is not None for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)):
+        raise app.UsageError("--coordinator_address/--num_processes/--process_id need "
+                             "--distributed")
+    from stn_jax import train  # After flag parsing: --help and flag errors stay fast.
+
+    config = _CONFIG.value
+    try:
+        train.check_config(config)
+    except ValueError as e:
+        raise app.UsageError(f"--config: {e}") from None
+    if _DISTRIBUTED.value:
+        _initialize_distributed()
+    workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename
+                                                if hasattr(flags.FLAGS["config"],
+                                                           "config_filename")
+                                                else _config_arg())
+    logging.info("workdir: %s (config in %s)", os.path.abspath(workdir),
+                 os.path.join(os.path.abspath(workdir), "config.json"))
+    result = train.train_and_evaluate(config, workdir)
+    if result.get("preempted"):
+        sys.exit(train.PREEMPTED_EXIT_CODE)
+
+
+def _config_arg() -> str:
+    for arg in sys.argv[1:]:
+        if arg.startswith("--config="):
+            return arg[len("--config="):]
+    return "config"
 
 
 if __name__ == "__main__":

@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Iterator
 
 from absl import logging
 import jax
 import numpy as np
 
+from stn_jax.data import batching
 from stn_jax.data import distortions
 from stn_jax.data import mnist
 
@@ -109,6 +110,11 @@ def _read_config(data_config: Mapping[str, Any] | Any) -> dict[str, Any]:
         raise ValueError(f"data_config.clutter_combine must be one of {distortions.COMBINE_MODES}, "
                          f"got {cfg['clutter_combine']!r}")
     return cfg
+
+
+def check_data_config(data_config: Mapping[str, Any] | Any) -> None:
+    """Raises ValueError naming the field for a bad data_config, without loading any data."""
+    _read_config(data_config)
 
 
 def _subset(n_total: int, n_wanted: int, name: str) -> np.ndarray:
@@ -250,12 +256,21 @@ class DistortedMNIST:
             index[here] = self._permutation(int(epoch))[positions[here] % self.num_train]
         return index
 
-    def train_batch(self, step: int, batch_size: int) -> dict[str, np.ndarray]:
+    def train_batch(self, step: int, batch_size: int, *, sharding=None) -> dict:
         """The training batch of `step`: a pure function of (seed, step, batch_size).
+
+        Args:
+          step, batch_size: which batch (see the module docstring).
+          sharding: None: the whole batch as host numpy arrays. A batch sharding (the training
+            loop's): the global batch as jax.Arrays; this process gathers only its own rows of
+            raw uint8 digits and the distortions run on its devices (no image crosses the
+            host), with the same values as the host path.
 
         Returns:
           {"image": float32 (batch_size, H, W, 1) in [0, 1], "label": int32 (batch_size,)}.
         """
+        if sharding is not None:
+            return self._device_batch(step, batch_size, sharding)
         index = self.train_indices(step, batch_size)
         if self.config["fixed_train"]:
             images = self._fixed_train[index].astype(np.float32) / 255.0
@@ -263,3 +278,61 @@ class DistortedMNIST:
             key = jax.random.fold_in(self._distort_key, step)
             images = self._distort(key, index, self._train_images)
         return {"image": images, "label": self._train_labels[index]}
+
+    def _device_batch(self, step: int, batch_size: int, sharding) -> dict:
+        index = self.train_indices(step, batch_size)
+        rows = batching.local_rows(sharding, batch_size)
+        local = {"label": self._train_labels[index[rows]]}
+        if self.config["fixed_train"]:
+            local["pixels"] = self._fixed_train[index[rows]]
+            key = None
+        else:
+            key = jax.random.fold_in(self._distort_key, step)
+            local["pixels"] = self._train_images[index[rows]]
+            if self.config["distortion"] == "TC":
+                local["others"] = self._train_images[self._clutter_index(key, index)[rows]]
+        batch = batching.assemble(local, sharding, batch_size)
+        images = self._on_device(sharding)(key, batch["pixels"], batch.get("others"))
+        return {"image": images, "label": batch["label"]}
+
+    def _clutter_index(self, key: jax.Array, index: np.ndarray) -> np.ndarray:
+        """(B, clutter_count) indices of the digits whose crops clutter each digit (never
+        the digit itself); the same draw as the host path's."""
+        n = self._train_images.shape[0]
+        k_clutter, _ = jax.random.split(key)
+        shift = jax.random.randint(k_clutter, (index.size, self.config["clutter_count"]), 1, n)
+        return (index[:, None] + np.asarray(shift)) % n
+
+    def _on_device(self, sharding):
+        """The jitted uint8 -> distorted float32 images function, output with `sharding`."""
+        cache = self.__dict__.setdefault("_device_fns", {})
+        if sharding not in cache:
+            def generate(key, pixels, others):
+                images = pixels.astype(np.float32) / 255.0
+                if key is None:  # fixed_train: already distorted.
+                    return images
+                digits = images[..., None]
+                _, k_distort = jax.random.split(key)
+                if others is None:
+                    return self._generator(k_distort, digits, **self._kwargs)[0]
+                others = (others.astype(np.float32) / 255.0)[..., None]
+                return self._generator(k_distort, digits, others, **self._kwargs)[0]
+
+            cache[sharding] = jax.jit(generate, out_shardings=sharding)
+        return cache[sharding]
+
+    def test_batches(self, batch_size: int, *, sharding) -> Iterator[dict]:
+        """The test set once, as global padded batches with a "mask" (see `batching`)."""
+        test = self.test_set
+        rows = batching.local_rows(sharding, batch_size)
+        for start in range(0, self.num_test, batch_size):
+            chunk = {name: test[name][start:start + batch_size] for name in ("image", "label")}
+            padded = batching.pad_batch(chunk, batch_size)
+            yield batching.assemble({k: v[rows] for k, v in padded.items()}, sharding,
+                                    batch_size)
+
+    def picture_examples(self, count: int) -> dict[str, np.ndarray]:
+        """`count` test examples spread evenly over the test set (the same every time)."""
+        n = self.num_test
+        index = np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(int))
+        return {"image": self.test_set["image"][index], "label": self.test_set["label"][index]}

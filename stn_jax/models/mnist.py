@@ -319,12 +319,22 @@ class MnistClassifier(nnx.Module):
             raise ValueError(f"x must have shape (B, {', '.join(map(str, self.input_shape))}), "
                              f"got {x.shape}")
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x (B, H, W, C) float32 -> logits (B, num_classes)."""
+    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """x (B, H, W, C) float32 -> logits (B, num_classes). `rngs` is unused: the Table-1
+        models have no dropout (the argument is the task interface's)."""
+        del rngs
         self._check_input(x)
         if self.transformer is not None:
             x, _ = self.transformer(x)
         return self.head(x)
+
+    def transformer_views(self, x: jax.Array) -> list[dict[str, jax.Array]]:
+        """For pictures: one dict per transformer (none or one here) with "name", "output"
+        (B, H', W', C) and "grid" (B, H', W', 2) in normalised input coordinates."""
+        if self.transformer is None:
+            return []
+        output, _, grid = self.spatial_transform(x)
+        return [{"name": "input ST", "output": output, "grid": grid}]
 
     def spatial_transform(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """For pictures: (ST output (B, H', W', C), theta, sampling grid (B, H', W', 2))."""

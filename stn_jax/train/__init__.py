@@ -1,24 +1,31 @@
-"""Training for the distorted-MNIST experiments: state, steps, loop, checkpoints, pictures.
+"""Family-agnostic training: state, steps, loop, checkpoints, metrics, pictures.
 
 Example:
     >>> from stn_jax.train import train_and_evaluate
-    >>> train_and_evaluate(config, "/tmp/run")  # config from configs/mnist_*.py
+    >>> train_and_evaluate(config, "/tmp/run")  # config from configs/*.py (config.task names
+    ...                                         # the experiment family: stn_jax.tasks)
 """
 
-from stn_jax.train.loop import train_and_evaluate
+from stn_jax.train.loop import PREEMPTED_EXIT_CODE, check_config, train_and_evaluate
 from stn_jax.train.metrics import NonFiniteLossError
 from stn_jax.train.state import (
     TrainState,
     create_train_state,
     learning_rate_schedule,
     make_optimizer,
+    split_model,
+    transformer_labels,
 )
 
 __all__ = [
     "NonFiniteLossError",
+    "PREEMPTED_EXIT_CODE",
     "TrainState",
+    "check_config",
     "create_train_state",
     "learning_rate_schedule",
     "make_optimizer",
+    "split_model",
     "train_and_evaluate",
+    "transformer_labels",
 ]

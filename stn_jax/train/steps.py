@@ -1,9 +1,10 @@
-"""Pure, jitted train and eval steps, data-parallel over the local devices.
+"""Pure, jitted train and eval steps, data-parallel over every device of every process.
 
-The model is split once (`graphdef, params, rest = nnx.split(model, nnx.Param, ...)`); the steps
-close over `graphdef` and `rest` and merge inside, so what crosses the jit boundary is plain
-arrays. The batch is split over a 1-D mesh of the devices (axis "data"); the state is
-replicated; XLA inserts the gradient all-reduce.
+The model is split once (`state.split_model`): `graphdef` and `constants` are closed over and
+merged inside the steps, so what crosses the jit boundary is plain arrays. The batch is split
+over a 1-D mesh of all devices (axis "data"); the state is replicated; XLA inserts the gradient
+all-reduce. On a pod the same code runs in every process: the mesh spans `jax.devices()` of
+all hosts, each process feeds its own rows of the batch (`stn_jax.data.batching`).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ DATA_AXIS = "data"
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-    """A 1-D mesh over `devices` (default: all local devices) with axis "data"."""
-    devices = jax.local_devices() if devices is None else list(devices)
+    """A 1-D mesh over `devices` (default: all devices of all processes) with axis "data"."""
+    devices = jax.devices() if devices is None else list(devices)
     return jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
@@ -47,131 +48,120 @@ def batch_sharded(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(DATA_AXIS))
 
 
-def _logits(graphdef: nnx.GraphDef, params: Any, rest: Any, image: jax.Array) -> jax.Array:
-    return nnx.merge(graphdef, params, rest)(image)
+def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """`tree` (the same values in every process) as global arrays replicated over `mesh`."""
+    sharding = replicated(mesh)
+
+    def one(x):
+        if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(one(jax.random.key_data(x)),
+                                            impl=jax.random.key_impl(x))
+        host = np.asarray(jax.device_get(x))
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(one, tree)
+
+
+def to_host(tree: Any) -> Any:
+    """Numpy copies of replicated (or this process's fully addressable) arrays."""
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(one, tree)
 
 
 def make_train_step(
+    task,
     graphdef: nnx.GraphDef,
-    rest: Any,
+    constants: Any,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     mesh: jax.sharding.Mesh,
-) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
-    """Returns the jitted step `(state, batch, key) -> (state, metrics)`; `state` is donated.
+    *,
+    key: jax.Array,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """Returns the jitted step `(state, batch) -> (state, metrics)`; `state` is donated.
 
     Args:
-        graphdef, rest: from `nnx.split(model, nnx.Param, ...)`; `rest` (non-Param state, empty
-            for the MNIST models) is held constant.
-        tx: the optimiser, e.g. `make_optimizer(config.train)`.
+        task: the run's `stn_jax.tasks.Task` (its `loss`).
+        graphdef, constants: from `split_model(model)` with the model in train mode.
+        tx: the optimiser, e.g. `make_optimizer(config.train, ...)`.
         schedule: its learning-rate schedule, only to report the lr of the step.
         mesh: the devices; batch leaves are split over axis "data", the state is replicated.
+        key: the run's step key; step s draws from `fold_in(key, s)` (dropout), so a resumed
+            run draws what an uninterrupted one would.
 
-    The step takes `batch = {"image": (B,H,W,C) float, "label": (B,) int}` and a key
-    (`fold_in(key, step)`), which the deterministic MNIST models do not use: it is there so a
-    model with dropout fits the same loop. Metrics (scalars, computed before the update but
-    `param_norm` after it): loss, accuracy, lr, grad_norm, param_norm.
+    The model's batch statistics (`state.model_state`) come out of the forward pass updated.
+    Metrics (scalars, computed before the update but `param_norm` after it): the task's (loss,
+    accuracy, ...), lr, grad_norm, param_norm.
 
     Example:
-        >>> step_fn = make_train_step(graphdef, rest, tx, schedule, make_mesh())
-        >>> state, metrics = step_fn(state, batch, jax.random.fold_in(key, 0))
+        >>> step_fn = make_train_step(task, graphdef, constants, tx, schedule, make_mesh(),
+        ...                           key=jax.random.key(0))
+        >>> state, metrics = step_fn(state, batch)
     """
 
-    def loss_fn(params, batch):
-        logits = _logits(graphdef, params, rest, batch["image"])
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-        return loss, logits
+    def loss_fn(params, model_state, batch, step_key):
+        model = nnx.merge(graphdef, params, model_state, constants)
+        outputs = model(batch["image"], rngs=nnx.Rngs(dropout=step_key))
+        loss, metrics = task.loss(outputs, batch)
+        return loss, (metrics, nnx.state(model, nnx.BatchStat))
 
-    def train_step(state: TrainState, batch: dict, key: jax.Array):
-        del key  # The MNIST models have no dropout or other randomness.
-        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    def train_step(state: TrainState, batch: dict):
+        step_key = jax.random.fold_in(key, state.step)
+        (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state.model_state, batch, step_key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
+            **metrics,
             "loss": loss,
-            "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
             "lr": schedule(state.step),
             "grad_norm": optax.tree.norm(grads),
-                # Checked with the loss, so that a finite loss whose update overflowed the
-                # parameters is caught before those parameters are ever saved.
+            # Checked with the loss, so that a finite loss whose update overflowed the
+            # parameters is caught before those parameters are ever saved.
             "param_norm": optax.tree.norm(params),
         }
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        new_state = TrainState(step=state.step + 1, params=params, model_state=model_state,
+                               opt_state=opt_state)
+        return new_state, metrics
 
     rep, data = replicated(mesh), batch_sharded(mesh)
-    return jax.jit(
-        train_step,
-        in_shardings=(rep, data, rep),
-        out_shardings=(rep, rep),
-        donate_argnums=0,
-    )
+    return jax.jit(train_step, in_shardings=(rep, data), out_shardings=(rep, rep),
+                   donate_argnums=0)
 
 
 def make_eval_step(
-    graphdef: nnx.GraphDef, rest: Any, mesh: jax.sharding.Mesh
-) -> Callable[[Any, dict], dict]:
-    """Returns the jitted `(params, batch) -> sums` over one padded test batch.
+    task, graphdef: nnx.GraphDef, constants: Any, mesh: jax.sharding.Mesh
+) -> Callable[[Any, Any, dict], dict]:
+    """Returns the jitted `(params, model_state, batch) -> sums` over one padded test batch.
 
-    `batch` has "image", "label" and "mask" (1 for real examples, 0 for padding); the result
-    holds the sums "correct", "loss" and "count" over the real examples, so batches add up.
+    `graphdef` is the model's in eval mode (no dropout, running batch statistics). `batch` has
+    a "mask" leaf (1 for real examples, 0 for padding); the result holds the task's sums over
+    the real examples (`task.eval_sums`), so batches add up.
     """
 
-    def eval_step(params, batch):
-        logits = _logits(graphdef, params, rest, batch["image"])
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-        mask = batch["mask"]
-        return {
-            "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
-            "loss": jnp.sum(loss * mask),
-            "count": jnp.sum(mask),
-        }
+    def eval_step(params, model_state, batch):
+        model = nnx.merge(graphdef, params, model_state, constants)
+        return task.eval_sums(model(batch["image"]), batch)
 
     rep, data = replicated(mesh), batch_sharded(mesh)
-    return jax.jit(eval_step, in_shardings=(rep, data), out_shardings=rep)
+    return jax.jit(eval_step, in_shardings=(rep, rep, data), out_shardings=rep)
 
 
-def evaluate(
-    eval_step: Callable[[Any, dict], dict],
-    params: Any,
-    test_set: dict,
-    *,
-    batch_size: int,
-    mesh: jax.sharding.Mesh,
-) -> dict:
-    """Test error (%), accuracy and mean loss of `params` over the whole `test_set`.
-
-    Args:
-        eval_step: from `make_eval_step`.
-        params: the model's params (replicated).
-        test_set: {"image": (N,H,W,C), "label": (N,)} numpy arrays.
-        batch_size: examples per eval step (a multiple of the device count); the last batch is
-            padded with masked examples so there is only one compiled shape.
-        mesh: the devices.
+def evaluate(eval_step, state: TrainState, batches) -> dict:
+    """The task's summed eval metrics of `state` over `batches` (global padded batches).
 
     Returns:
-        {"test_error_pct", "test_accuracy", "test_loss", "num_test"} as Python floats/ints.
+        {name: numpy array} summed over every batch, identical in every process.
     """
-    images, labels = test_set["image"], test_set["label"]
-    n = len(labels)
-    if n == 0:
-        raise ValueError("test_set is empty")
-    sharding = batch_sharded(mesh)
     totals = None
-    for start in range(0, n, batch_size):
-        image, label = images[start:start + batch_size], labels[start:start + batch_size]
-        pad = batch_size - len(label)
-        batch = {
-            "image": np.pad(image, [(0, pad)] + [(0, 0)] * (image.ndim - 1)),
-            "label": np.pad(label, (0, pad)),
-            "mask": np.pad(np.ones(len(label), np.float32), (0, pad)),
-        }
-        sums = eval_step(params, jax.device_put(batch, sharding))
+    for batch in batches:
+        sums = eval_step(state.params, state.model_state, batch)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = jax.device_get(totals)
-    accuracy = float(totals["correct"]) / n
-    return {
-        "test_error_pct": 100.0 * (1.0 - accuracy),
-        "test_accuracy": accuracy,
-        "test_loss": float(totals["loss"]) / n,
-        "num_test": n,
-    }
+    if totals is None:
+        raise ValueError("the test set is empty")
+    return to_host(totals)
