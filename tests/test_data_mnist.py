@@ -7,6 +7,7 @@ import logging as py_logging
 import os
 import pathlib
 import sys
+import tempfile
 import time
 from unittest import mock
 
@@ -230,12 +231,13 @@ def _mock_prepared_tfds(formats):
         tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE),
         mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", return_value=True),
         mock.patch.object(mnist, "_tfds_file_formats", return_value=set(formats)),
+        mock.patch.object(mnist, "_tfds_on_disk", return_value=True),
     ]
 
 
 def test_tfds_array_record_is_read_without_tensorflow(tmp_path):
     patches = _mock_prepared_tfds({"array_record"})
-    with patches[0], patches[1], patches[2]:
+    with patches[0], patches[1], patches[2], patches[3]:
         data = mnist.load_mnist(source="auto", tfds_dir=str(tmp_path))
     assert data.source == "tfds"
     assert data.train_images.shape == (20, 28, 28) and data.train_images.dtype == np.uint8
@@ -248,10 +250,29 @@ def test_tfds_tfrecord_without_tensorflow_falls_back_in_auto(tmp_path):
     if importlib.util.find_spec("tensorflow") is not None:
         pytest.skip("TensorFlow installed")
     patches = _mock_prepared_tfds({"tfrecord"})
-    with patches[0], patches[1], patches[2]:
+    with patches[0], patches[1], patches[2], patches[3]:
         with pytest.raises(mnist.TfdsUnavailableError, match=r"tfrecord.*needs TensorFlow"):
             mnist.load_mnist(source="tfds", tfds_dir=str(tmp_path))
         assert mnist.load_mnist(source="auto", tfds_dir=str(tmp_path)).source == "bundled"
+
+
+def test_tfds_unprepared_is_quiet_and_leaves_no_temp_folders(tmp_path, caplog, monkeypatch):
+    """`auto` offline says one thing (its banner); no TFDS warning about a folder that does not
+    exist, and no empty tmp*tfds folder left behind by `tfds.builder`."""
+    pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setattr(mnist, "_TFDS_HOST", ("192.0.2.1", 443))  # Offline even with internet.
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    tfds_dir = str(tmp_path / "tfds")
+    with caplog.at_level(py_logging.INFO):
+        assert mnist.load_mnist(source="auto", tfds_dir=tfds_dir).source == "bundled"
+        with pytest.raises(mnist.TfdsUnavailableError, match="not prepared"):
+            mnist.load_tfds(tfds_dir=tfds_dir, download=False)  # Makes the builder.
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= py_logging.WARNING]
+    assert len(warnings) == 1 and "USING THE BUNDLED" in warnings[0], warnings
+    assert os.listdir(temp) == []
+    assert tempfile.tempdir == str(temp)
 
 
 def test_mnist_arrays_validates():

@@ -16,19 +16,27 @@ Sources (the `source` argument):
   and licence), split by a seeded, stratified draw. Good for tests and quick runs;
   results on it are NOT comparable with the paper's.
 - ``"auto"``: TFDS when it is prepared or can be downloaded quickly, else ``"bundled"``,
-  with a loud warning.
+  with one loud warning. Where MNIST is not prepared and TensorFlow is not installed, TFDS is
+  not even imported (a second saved, and none of its warnings).
+
+How to prepare TFDS MNIST for this project: README.md, section "MNIST data".
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import glob
 import gzip
 import hashlib
 import importlib.resources
 import importlib.util
 import os
+import shutil
 import socket
+import tempfile
 import threading
+from typing import Iterator
 import zlib
 
 from absl import logging
@@ -137,7 +145,7 @@ def load_mnist(
 def _load_auto(*, tfds_dir: str, bundled_test_fraction: float, split_seed: int) -> MnistArrays:
     reason = ""
     try:
-        if tfds_prepared(tfds_dir):
+        if _tfds_on_disk(tfds_dir) and tfds_prepared(tfds_dir):
             return load_tfds(tfds_dir=tfds_dir, download=False)
         reason = tfds_download_blocker()
         if not reason:
@@ -149,8 +157,9 @@ def _load_auto(*, tfds_dir: str, bundled_test_fraction: float, split_seed: int) 
         "\n%s\nMNIST source 'auto': TFDS mnist is not available (%s).\n"
         "USING THE BUNDLED 5,000-DIGIT MNIST SUBSET (train %d%% / test %d%% of it).\n"
         "Results on it are NOT comparable with the paper (60k train / 10k test).\n"
-        "For the real data set: install tensorflow and use source='tfds' with internet, "
-        "or source='idx' with idx_dir=<dir of the 4 IDX files>.\n%s",
+        "For the real data set: prepare TFDS mnist once (needs tensorflow and internet; see "
+        "the README, 'MNIST data'), or use source='idx' with idx_dir=<dir of the 4 IDX "
+        "files>.\n%s",
         banner,
         reason,
         round(100 * (1 - bundled_test_fraction)),
@@ -167,6 +176,8 @@ def tfds_download_blocker(*, timeout_s: float = _PROBE_TIMEOUT_S) -> str:
     the download host accepts a TCP connection within `timeout_s` (DNS included, run in a
     daemon thread so a hanging resolver cannot block).
     """
+    if importlib.util.find_spec("tensorflow_datasets") is None:
+        return "tensorflow-datasets is not installed"
     if importlib.util.find_spec("tensorflow") is None:
         return "tensorflow is not installed, and the TFDS MNIST builder needs it to prepare"
     result = []
@@ -189,6 +200,40 @@ def tfds_download_blocker(*, timeout_s: float = _PROBE_TIMEOUT_S) -> str:
 # ----------------------------------------------------------------------------- tfds
 
 
+def _tfds_data_dir(tfds_dir: str) -> str:
+    """The TFDS data_dir that `tfds_dir` means ("" = TFDS_DATA_DIR or ~/tensorflow_datasets)."""
+    return os.path.expanduser(
+        tfds_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
+
+
+def _tfds_on_disk(tfds_dir: str) -> bool:
+    """Whether some version of TFDS mnist has been prepared under `tfds_dir` (no TFDS import)."""
+    return bool(glob.glob(os.path.join(_tfds_data_dir(tfds_dir), "mnist", "*",
+                                       "dataset_info.json")))
+
+
+@contextlib.contextmanager
+def _tfds_builder_quiet() -> Iterator[None]:
+    """Around `tfds.builder` and `is_prepared`: their warnings and temporary folders stay in.
+
+    Where MNIST is not prepared, `is_prepared` warns "Variant folder ... has no
+    dataset_info.json" about a folder that does not exist, and making the builder leaves an empty
+    `/tmp/tmp*tfds` folder (`DatasetInfo.initialize_from_bucket`) that nothing removes. Neither
+    says anything a user can act on: whether MNIST is prepared is what `load_tfds` reports.
+    """
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(min(verbosity, logging.ERROR))  # absl: lower is quieter.
+    previous = tempfile.tempdir
+    private = tempfile.mkdtemp(prefix="stn_jax_tfds_")
+    tempfile.tempdir = private
+    try:
+        yield
+    finally:
+        tempfile.tempdir = previous
+        shutil.rmtree(private, ignore_errors=True)
+        logging.set_verbosity(verbosity)
+
+
 def _tfds_builder(tfds_dir: str):
     try:
         import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -196,12 +241,18 @@ def _tfds_builder(tfds_dir: str):
         raise TfdsUnavailableError(
             "tensorflow-datasets is not installed (pip install tensorflow-datasets)"
         ) from e
-    return tfds.builder("mnist", data_dir=tfds_dir or None)
+    with _tfds_builder_quiet():
+        return tfds.builder("mnist", data_dir=tfds_dir or None)
 
 
 def tfds_prepared(tfds_dir: str = "") -> bool:
     """Whether TFDS mnist is already prepared under `tfds_dir` (filesystem check only)."""
-    return _tfds_builder(tfds_dir).is_prepared()
+    return _is_prepared(_tfds_builder(tfds_dir))
+
+
+def _is_prepared(builder) -> bool:
+    with _tfds_builder_quiet():
+        return builder.is_prepared()
 
 
 def load_tfds(*, tfds_dir: str = "", download: bool = True) -> MnistArrays:
@@ -213,7 +264,7 @@ def load_tfds(*, tfds_dir: str = "", download: bool = True) -> MnistArrays:
     """
     builder = _tfds_builder(tfds_dir)
     have_tf = importlib.util.find_spec("tensorflow") is not None
-    if not builder.is_prepared():
+    if not _is_prepared(builder):
         if not download:
             raise TfdsUnavailableError(f"TFDS mnist is not prepared in {builder.data_dir}")
         if not have_tf:
