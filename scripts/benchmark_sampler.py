@@ -348,7 +348,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", type=lambda s: [parse_shape(t) for t in s.split(",")],
                         default=[parse_shape(s) for s in DEFAULT_SHAPES],
-                        help="comma-separated BxHxWxC-H'xW' (default: the six of issue 2)")
+                        help="comma-separated BxHxWxC-H'xW' (default: the six of docs/performance.md)")
     parser.add_argument("--repeats", type=int, default=20, help="timed rounds per shape and mode")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs of each function first")
     parser.add_argument("--block", type=int, default=5,

@@ -8,10 +8,10 @@ gradients, SGD update, metrics; state donated). PyTorch: the same architectures 
 counts of the two are asserted equal. Both take the same fixed random batch (the data pipeline
 is not timed).
 
-Two ratios say what the transformer costs: ST-CNN over CNN (the issue's ratio; the CNN sees the
-whole 42x42 canvas, so it is the slower one), and ST-CNN over its own classifier alone
-("st_cnn_head": the same CNN head and width on 21x21 inputs), which isolates what the
-localisation net, grid and sampler add to a step.
+Two ratios say what the transformer costs: ST-CNN over CNN (one of the targets in
+docs/performance.md; the CNN sees the whole 42x42 canvas, so it is the slower one), and ST-CNN
+over its own classifier alone ("st_cnn_head": the same CNN head and width on 21x21 inputs),
+which isolates what the localisation net, grid and sampler add to a step.
 
 The four steps take turns inside every repeat, so a burst of load from other processes hits all
 of them alike; each reported time is the median over the repeats after warm-up. ``--methods``
