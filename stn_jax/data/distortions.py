@@ -17,7 +17,7 @@ the digit (RTS 42x42, TC 60x60) a matter of two scale factors (`_theta_from_pixe
 Angles: a positive angle rotates the digit COUNTER-CLOCKWISE as displayed (y down), like
 ``np.rot90``: rotating by exactly +90 degrees gives ``np.rot90(digit)``.
 
-The distortions (numbers tagged as in EXPERIMENT_DETAILS.md; [S]/[?] ones are keyword
+The distortions (numbers tagged as in docs/experiment_details.md; [S]/[?] ones are keyword
 arguments with that default):
 
 - R: rotate about the centre by U[-90, 90] degrees [P] (`rotation_deg`), optionally scale
