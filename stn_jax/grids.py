@@ -301,6 +301,36 @@ def _tps_basis_math(out_shape, cps, align_corners, xp):
     return jnp.einsum("hwd,dk->hwk", features, coeffs, precision=_HIGHEST)
 
 
+def _check_tps_geometry(points: np.ndarray, dtype) -> None:
+    """Raises ValueError if concrete (K, 2) control points repeat a point or lie on one line.
+
+    Either makes the TPS system singular (the grid then reaches ~1e15, or the solve fails).
+    "Repeat" and "line" are up to the rounding of the points' dtype, relative to their spread.
+    """
+    rtol = 16 * float(jnp.finfo(dtype).eps)
+    points = np.asarray(points, np.float64)
+    if not np.all(np.isfinite(points)):
+        raise ValueError("control_points must be finite")
+    extent = float(np.max(np.ptp(points, axis=0)))
+    diff = points[:, None, :] - points[None, :, :]
+    dist = np.sqrt(np.sum(diff * diff, axis=-1)) + np.diag(np.full(len(points), np.inf))
+    i, j = np.unravel_index(np.argmin(dist), dist.shape)
+    if dist[i, j] <= rtol * extent or extent == 0:
+        i, j = min(i, j), max(i, j)
+        raise ValueError(
+            f"control_points must be distinct: points {i} and {j} are both at "
+            f"{tuple(points[i].tolist())}; the thin plate spline through them is undefined"
+        )
+    # Collinear: the centred points have (numerically) rank 1, so the affine part x, y of the
+    # spline is not determined.
+    singular = np.linalg.svd(points - points.mean(axis=0), compute_uv=False)
+    if singular[1] <= rtol * singular[0]:
+        raise ValueError(
+            "control_points must not all lie on one line (the affine part of the thin plate "
+            f"spline is then undetermined); got {len(points)} collinear points"
+        )
+
+
 def _check_control_points(control_points, dtype) -> jax.Array:
     if control_points is None:
         return default_control_points(4, dtype=dtype)
@@ -309,6 +339,9 @@ def _check_control_points(control_points, dtype) -> jax.Array:
         raise ValueError(
             f"control_points must have shape (K, 2) with K >= 3, got {control_points.shape}"
         )
+    # Traced points (learned inside jit) have no values to check here.
+    if not isinstance(control_points, jax.core.Tracer):
+        _check_tps_geometry(control_points, control_points.dtype)
     return control_points
 
 
@@ -335,6 +368,11 @@ def tps_basis(
 
     Returns:
       (H', W', K) basis.
+
+    Raises:
+      ValueError: control_points not of shape (K, 2) with K >= 3, or (when concrete, i.e. not
+        traced inside jit) two of them coincide or all lie on one line: the spline through them
+        is undefined.
 
     Example:
       >>> basis = tps_basis((8, 8))                   # default 4 x 4 control points
@@ -376,6 +414,10 @@ def tps_grid(
 
     Returns:
       (B, H', W', 2) grid.
+
+    Raises:
+      ValueError: params and control_points disagree in shape, or concrete control_points
+        repeat a point or all lie on one line (see :func:`tps_basis`).
 
     Example:
       >>> cps = default_control_points(4)

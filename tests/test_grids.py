@@ -148,6 +148,113 @@ def test_tps_is_differentiable_in_params_and_control_points_without_nan():
             np.testing.assert_allclose(d_params[(0, *idx)], fd, rtol=1e-6, atol=1e-9)
 
 
+def _thin_plate_spline_reference(control_points, values, queries):
+    """An independent thin plate spline in float64 numpy: f(q) = a0 + a1 x + a2 y +
+    sum_k w_k U(|q - c_k|) with U(r) = r^2 log r (zero at r = 0), (w, a) solving
+    [[U(|c_i - c_j|), 1, c_i], [(1, c_j)^T, 0]] [w; a] = [values; 0] (Bookstein 1989)."""
+    def u(a, b):
+        r = np.linalg.norm(a[:, None, :] - b[None, :, :], axis=-1)
+        return np.where(r > 0, r**2 * np.log(np.where(r > 0, r, 1.0)), 0.0)
+
+    k = len(control_points)
+    p = np.hstack([np.ones((k, 1)), control_points])
+    system = np.block([[u(control_points, control_points), p], [p.T, np.zeros((3, 3))]])
+    coeffs = np.linalg.solve(system, np.vstack([values, np.zeros((3, values.shape[1]))]))
+    q = np.hstack([np.ones((len(queries), 1)), queries])
+    return u(queries, control_points) @ coeffs[:k] + q @ coeffs[k:]
+
+
+def _pixel_centres(out_shape, align_corners):
+    """Normalised (x, y) of the output pixel centres, row-major, written out by hand."""
+    def axis(n):
+        return (2 * np.arange(n) / (n - 1) - 1) if align_corners else (2 * np.arange(n) + 1) / n - 1
+    ys, xs = np.meshgrid(axis(out_shape[0]), axis(out_shape[1]), indexing="ij")
+    return np.stack([xs.ravel(), ys.ravel()], -1)
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_tps_grid_equals_an_independent_thin_plate_spline(align_corners):
+    # Irregular control points and landing points: unlike the identity, an affine map or the
+    # values at the control points, this pins the kernel itself (any radial kernel interpolates
+    # and reproduces affine maps; only r^2 log r gives these values between the points).
+    rng = np.random.default_rng(21)
+    cps = rng.uniform(-1, 1, size=(7, 2))
+    landed = cps + rng.normal(scale=0.3, size=(2, 7, 2))
+    out_shape = (9, 6)
+    want = np.stack([_thin_plate_spline_reference(cps, v, _pixel_centres(out_shape, align_corners))
+                     for v in landed]).reshape(2, *out_shape, 2)
+    assert np.abs(want - _pixel_centres(out_shape, align_corners).reshape(*out_shape, 2)).max() > 0.1
+    try:
+        from scipy.interpolate import RBFInterpolator
+    except ImportError:
+        RBFInterpolator = None
+    if RBFInterpolator is not None:  # a second, outside implementation of the same spline
+        queries = _pixel_centres(out_shape, align_corners)
+        for b in range(2):
+            spline = RBFInterpolator(cps, landed[b], kernel="thin_plate_spline", degree=1)
+            np.testing.assert_allclose(spline(queries).reshape(*out_shape, 2), want[b], atol=1e-10)
+    with jax.enable_x64(True):
+        params, c = jnp.asarray(landed), jnp.asarray(cps)
+        kw = dict(align_corners=align_corners)
+        # Concrete control points (solved in numpy float64) and traced ones (jnp, in jit).
+        concrete = stn_jax.tps_grid(params, out_shape, control_points=c, **kw)
+        traced = jax.jit(lambda p, c: stn_jax.tps_grid(p, out_shape, control_points=c, **kw))(params, c)
+        np.testing.assert_allclose(concrete, want, atol=1e-10)
+        np.testing.assert_allclose(traced, want, atol=1e-9)
+    # float32, default 4x4 lattice: to float32 rounding of the basis.
+    cps = np.asarray(stn_jax.default_control_points(4), np.float64)
+    landed = cps + rng.normal(scale=0.1, size=(1, 16, 2))
+    want = _thin_plate_spline_reference(cps, landed[0], _pixel_centres(out_shape, align_corners))
+    got = stn_jax.tps_grid(jnp.asarray(landed, jnp.float32), out_shape, **kw)
+    np.testing.assert_allclose(got[0].reshape(-1, 2), want, atol=2e-6)
+
+
+def _duplicate(xp):
+    cps = np.asarray(stn_jax.default_control_points(3), np.float64)
+    cps[4] = cps[0]
+    return xp.asarray(cps)
+
+
+def _collinear(xp):
+    # y = 0.3 x + 0.1, rounded in the dtype of the points: on one line up to that rounding.
+    t = xp.linspace(-1.0, 1.0, 5)
+    return xp.stack([t, 0.3 * t + 0.1], -1)
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (_duplicate, r"control_points must be distinct: points 0 and 4"),
+        (lambda xp: xp.zeros((4, 2)), r"control_points must be distinct"),
+        (_collinear, r"control_points must not all lie on one line"),
+        (lambda xp: xp.asarray([[0.0, 0.0], [1.0, 0.0], [0.5, np.nan]]), r"control_points must be finite"),
+    ],
+    ids=["duplicate", "all_equal", "collinear", "nan"],
+)
+def test_degenerate_tps_control_points_are_value_errors(make, match):
+    # Before: a duplicate gave a grid reaching 1.9e15 and the identity stopped being one;
+    # collinear points raised numpy's LinAlgError.
+    points = make(jnp)
+    assert points.dtype == jnp.float32
+    with pytest.raises(ValueError, match=match):
+        stn_jax.tps_grid(points[None], (5, 5), control_points=points)
+    with pytest.raises(ValueError, match=match):
+        stn_jax.tps_basis((5, 5), control_points=points)
+    with pytest.raises(ValueError, match=match):
+        stn_jax.identity_params("tps", control_points=points)
+    with jax.enable_x64(True):  # float64 points, where the rounding tolerance is tighter
+        points = jnp.asarray(make(np), jnp.float64)
+        with pytest.raises(ValueError, match=match):
+            stn_jax.tps_grid(points[None], (5, 5), control_points=points)
+
+
+def test_nearly_degenerate_but_valid_control_points_are_accepted():
+    # A triangle 1e-3 high and points 1e-4 apart are fine: the check is at float rounding.
+    cps = jnp.array([[-1.0, 0.0], [1.0, 0.0], [0.0, 1e-3], [0.5, 1e-4], [0.5001, 1e-4]])
+    grid = stn_jax.tps_grid(cps[None], (4, 4), control_points=cps)
+    assert np.all(np.isfinite(grid))
+
+
 @pytest.mark.parametrize("kind", grids.KINDS)
 def test_identity_params_give_the_regular_grid(kind):
     fn = {"affine": stn_jax.affine_grid, "attention": stn_jax.attention_grid,
