@@ -146,3 +146,70 @@ def test_max_pool_2x2_grad_of_grad():
 def test_max_pool_2x2_rejects_wrong_rank():
     with pytest.raises(ValueError, match="rank 4"):
         layers.max_pool_2x2(jnp.ones((3, 3)))
+
+
+def _nnx_pool(x):
+    return nnx.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 6, 3), (1, 7, 4, 2)])
+def test_max_pool_2x2_jvp_matches_finite_differences(shape):
+    # Forward mode: the pool is piecewise linear, so away from ties (random float64 data) a
+    # central difference is exact to rounding. jacfwd and jacrev agree entry for entry.
+    with jax.enable_x64(True):
+        x = _random(shape, 9)
+        v = _random(shape, 10)
+        out, tangent = jax.jvp(layers.max_pool_2x2, (x,), (v,))
+        eps = 1e-6
+        fd = (layers.max_pool_2x2(x + eps * v) - layers.max_pool_2x2(x - eps * v)) / (2 * eps)
+        np.testing.assert_allclose(tangent, fd, rtol=1e-8, atol=1e-8)
+        np.testing.assert_array_equal(out, _nnx_pool(x))
+        assert np.abs(tangent).max() > 0.5  # the comparison is not vacuous
+        np.testing.assert_array_equal(jax.jacfwd(layers.max_pool_2x2)(x),
+                                      jax.jacrev(layers.max_pool_2x2)(x))
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 6, 3), (1, 7, 4, 2)])
+def test_max_pool_2x2_jvp_equals_nnx_max_pool_with_ties(shape):
+    x = jnp.asarray(np.random.default_rng(11).integers(0, 3, size=shape), jnp.float32)
+    v = _random(shape, 12, jnp.float32)
+    np.testing.assert_array_equal(jax.jvp(layers.max_pool_2x2, (x,), (v,))[1],
+                                  jax.jvp(_nnx_pool, (x,), (v,))[1])
+
+
+def _exported_ops(fn, x, platform):
+    text = jax.export.export(jax.jit(fn), platforms=(platform,))(x).mlir_module()
+    # Op names only: the text's source locations name functions too.
+    return text.count("stablehlo.reduce_window"), text.count("stablehlo.select_and_scatter")
+
+
+def test_max_pool_2x2_takes_reduce_window_off_cpu():
+    # The platform is chosen at lowering, like the convolution's: lowered for the CPU the pool
+    # and its derivatives hold no reduce_window or select_and_scatter; lowered for a GPU or TPU
+    # (exported without one) they are XLA's own.
+    x = jnp.ones((2, 7, 6, 3), jnp.float32)
+    grad = jax.grad(lambda x: jnp.sum(layers.max_pool_2x2(x) ** 2))
+    jvp = lambda x: jax.jvp(layers.max_pool_2x2, (x,), (x,))[1]  # noqa: E731
+    assert _exported_ops(layers.max_pool_2x2, x, "cpu") == (0, 0)
+    assert _exported_ops(grad, x, "cpu") == (0, 0)
+    assert _exported_ops(jvp, x, "cpu") == (0, 0)
+    for platform in ("cuda", "tpu"):
+        assert _exported_ops(layers.max_pool_2x2, x, platform)[0] > 0, platform
+        assert _exported_ops(grad, x, platform)[1] > 0, platform
+        assert _exported_ops(jvp, x, platform)[0] > 0, platform
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 6, 3), (1, 7, 5, 2)])
+def test_max_pool_2x2_off_cpu_form_equals_nnx_max_pool(shape):
+    # What the accelerators run, run here: values, gradient, jvp and grad of grad.
+    x = _random(shape, 13, jnp.float32)
+    v = _random(shape, 14, jnp.float32)
+    pool = layers._xla_max_pool_2x2
+    np.testing.assert_array_equal(pool(x), _nnx_pool(x))
+    np.testing.assert_array_equal(jax.jvp(pool, (x,), (v,))[1], jax.jvp(_nnx_pool, (x,), (v,))[1])
+    np.testing.assert_array_equal(jax.jvp(pool, (x,), (v,))[1],
+                                  jax.jvp(layers.max_pool_2x2, (x,), (v,))[1])
+    loss = lambda f: lambda x: jnp.sum(f(x) ** 3)  # noqa: E731
+    np.testing.assert_array_equal(jax.grad(loss(pool))(x), jax.grad(loss(_nnx_pool))(x))
+    np.testing.assert_allclose(jax.hessian(loss(pool))(x[:1, :4, :4, :1]),
+                               jax.hessian(loss(layers.max_pool_2x2))(x[:1, :4, :4, :1]), rtol=1e-6)

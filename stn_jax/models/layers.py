@@ -1,21 +1,20 @@
 """Layers the models share, written so that their gradients are fast on XLA's CPU backend.
 
 Both compute exactly the standard operation (same parameters, same values to float rounding);
-only the lowering differs. Measured on 2 CPU threads at the shapes of the paper's MNIST models
-(batch 256; forward and gradients; `docs/performance.md` has the whole story):
+only the lowering differs, and only on the CPU. Each picks its form when the function is
+lowered (`jax.lax.platform_dependent`): accelerators get XLA's own operation.
 
-* Convolution. XLA's CPU convolution is fast forward but slow in its gradients (the 9x9,
-  1 -> 67 conv on 21x21 of the ST-CNN: 74 ms forward + both gradients). Written as an explicit
-  im2col (the kh * kw shifted windows of the input, concatenated along channels) and one matrix
-  product with the reshaped kernel, the forward is a matmul and both gradients are matmuls plus
-  shifted adds (17 ms). A kernel that covers its whole input (the CNN's second conv, 7x7 on 7x7)
-  is a dense layer and is computed as one.
+* Convolution. XLA's CPU convolution is fast forward but slow in its gradients. Written as an
+  explicit im2col (the kh * kw shifted windows of the input, concatenated along channels) and
+  one matrix product with the reshaped kernel, the forward is a matmul and both gradients are
+  matmuls plus shifted adds. A kernel that covers its whole input (the CNN's second conv, 7x7
+  on 7x7) is a dense layer and is computed as one.
 * 2x2 max-pooling. `nnx.max_pool` is a reduce_window whose gradient is a select_and_scatter,
-  40 ms at (256, 13, 13, 67) and 21 ms at (256, 17, 17, 20); the elementwise maximum of the
-  four strided sub-grids, with a gradient of compares and selects written by hand (to the
-  first maximum of each window, as XLA and torch), takes 2.3 and 1.2 ms.
+  slow on the CPU; there the pool is the elementwise maximum of the four strided sub-grids,
+  with a forward-mode rule (a select of each window's first maximum) whose transpose is the
+  gradient: compares, selects and pads.
 
-Together they take the ST-CNN train step (RTS, batch 256) from 183 ms to 58-67 ms.
+`docs/performance.md` ("Training step") has the measurements.
 
 `conv_general_dilated` has the signature of `jax.lax.conv_general_dilated` and is what the
 models pass to `nnx.Conv(..., conv_general_dilated=...)`. It takes the patches form when the
@@ -68,7 +67,7 @@ def patches_conv(lhs: jax.Array, rhs: jax.Array, padding=((0, 0), (0, 0))) -> ja
     if ho == 1 and wo == 1:
         # The kernel covers the whole (padded) input: the patches are the input itself, and the
         # convolution a dense layer. Said outright, XLA does not build and scatter back kh * kw
-        # one-pixel windows (the ST-CNN train step at batch 256: 120 -> 67 ms).
+        # one-pixel windows.
         patches = lhs.reshape(b, kh * kw * c)
     else:
         # Window (i, j) of every output pixel, in the kernel's (kh, kw, C) order.
@@ -141,13 +140,13 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
 def max_pool_2x2(x: jax.Array) -> jax.Array:
     """2x2 max-pooling with stride 2, ceil mode: a ragged last row or column is pooled alone.
 
-    The same values and gradients as `nnx.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")`
-    (which pads the high side with -inf), ties included: each window's gradient goes to its
-    first maximum in row-major order, as XLA's select_and_scatter and torch's max_pool2d do.
-    Computed as the elementwise maximum of the four strided sub-grids, with a hand-written
-    gradient of compares, selects and one interleaving reshape (2.3 ms at (256, 13, 13, 67) on
-    two CPU threads, against 40 ms for the select_and_scatter). Reverse mode only: the gradient
-    is itself differentiable (grad of grad), but there is no forward-mode (`jax.jvp`) rule.
+    The same values and derivatives as `nnx.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")`
+    (which pads the high side with -inf), ties included: each window's derivative is that of
+    its first maximum in row-major order, as XLA's select_and_scatter and torch's max_pool2d
+    give. Lowered for the CPU it is the elementwise maximum of the four strided sub-grids, with
+    a forward-mode (JVP) rule whose transpose is the gradient; lowered for anything else it is
+    XLA's reduce_window (`jax.lax.platform_dependent` picks). Both take jit, grad, grad of grad,
+    jvp / jacfwd and vmap.
 
     Args:
       x: (B, H, W, C).
@@ -164,46 +163,53 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     """
     if x.ndim != 4:
         raise ValueError(f"x must have rank 4 (B, H, W, C), got shape {x.shape}")
-    return _max_pool_2x2(x)
+    return jax.lax.platform_dependent(x, cpu=_max_pool_2x2, default=_xla_max_pool_2x2)
 
 
-def _pad_even(x):
+def _xla_max_pool_2x2(x):
+    """XLA's reduce_window, padded with -inf on the high side: `nnx.max_pool` with "SAME"."""
+    h, w = x.shape[1:3]
+    # A Python -inf: JAX recognises the max monoid (and so its derivatives) by a concrete init.
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1),
+                                 ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+
+
+def _pad_even(x, value):
     h, w = x.shape[1:3]
     if h % 2 or w % 2:
-        x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), constant_values=-jnp.inf)
+        x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), constant_values=value)
     return x
 
 
 def _window_corners(x):
-    """The four strided sub-grids of the (padded) input, in row-major window order."""
-    x = _pad_even(x)
+    """The four strided sub-grids of the (-inf padded) input, in row-major window order."""
+    x = _pad_even(x, -jnp.inf)
     return x[:, 0::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 0::2], x[:, 1::2, 1::2]
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def _max_pool_2x2(x):
     a, b, c, d = _window_corners(x)
     return jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
 
 
-def _max_pool_2x2_fwd(x):
-    return _max_pool_2x2(x), x
-
-
-def _max_pool_2x2_bwd(x, g):
+@_max_pool_2x2.defjvp
+def _max_pool_2x2_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
     a, b, c, d = _window_corners(x)
     m = jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
     first_a = a == m
     first_b = (b == m) & ~first_a
     first_c = (c == m) & ~(first_a | first_b)
     first_d = ~(first_a | first_b | first_c)
-    zero = jnp.zeros_like(g)
-    ga, gb, gc, gd = (jnp.where(t, g, zero) for t in (first_a, first_b, first_c, first_d))
-    # (B, H, 2, W, 2, C) is the memory order of (B, 2H, 2W, C): the reshape interleaves.
-    full = jnp.stack([jnp.stack([ga, gb], axis=3), jnp.stack([gc, gd], axis=3)], axis=2)
-    b_, h2, _, w2, _, ch = full.shape
-    h, w = x.shape[1:3]
-    return (full.reshape(b_, 2 * h2, 2 * w2, ch)[:, :h, :w],)
-
-
-_max_pool_2x2.defvjp(_max_pool_2x2_fwd, _max_pool_2x2_bwd)
+    # (B, H, 2, W, 2, C) is the memory order of (B, 2H, 2W, C): the window's one-hot mask is
+    # stacked the same way, so the tangent is one select and four slices, and its transpose
+    # (the gradient) one select and four pads, with no strided scatter.
+    mask = jnp.stack([jnp.stack([first_a, first_b], axis=3),
+                      jnp.stack([first_c, first_d], axis=3)], axis=2)
+    t = _pad_even(t, 0)
+    bsz, h, w, ch = t.shape
+    picked = jnp.where(mask, t.reshape(bsz, h // 2, 2, w // 2, 2, ch), 0)
+    tangent = (picked[:, :, 0, :, 0] + picked[:, :, 0, :, 1]
+               + picked[:, :, 1, :, 0] + picked[:, :, 1, :, 1])
+    return m, tangent
