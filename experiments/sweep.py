@@ -42,6 +42,9 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands, run nothing.
 _RERUN_FAILED = flags.DEFINE_bool("rerun_failed", True, "Run trials that failed before again.")
 _PYTHON = flags.DEFINE_string("python", None, "Python of the trials (default: this one here, "
                               "'python' on TPU VMs and Slurm nodes).")
+_JAX_CACHE = flags.DEFINE_string("jax_cache_dir", "", "local: a JAX compilation cache the "
+                                 "trials share, e.g. DIR/.jax_cache (seeds of a model compile "
+                                 "the same programs once).")
 _TPU = flags.DEFINE_string("tpu", "", "tpu_vm: the TPU VM's name.")
 _ZONE = flags.DEFINE_string("zone", "", "tpu_vm: its zone.")
 _PROJECT = flags.DEFINE_string("project", "", "tpu_vm: the GCP project (default: gcloud's).")
@@ -73,7 +76,8 @@ def make_launcher():
                                        gpus_per_node=_SLURM_GPUS.value,
                                        sbatch_lines=_SLURM_LINES.value,
                                        python=_PYTHON.value or "python")
-    return sweep_lib.LocalLauncher(python=_PYTHON.value or sys.executable)
+    return sweep_lib.LocalLauncher(python=_PYTHON.value or sys.executable,
+                                   jax_cache_dir=_JAX_CACHE.value)
 
 
 def main(argv: list[str]) -> None:

@@ -222,8 +222,12 @@ class LocalLauncher:
     kind = "local"
     reads_metrics = True  # The trial's metrics.json is on this machine.
 
-    def __init__(self, *, python: str = sys.executable):
+    def __init__(self, *, python: str = sys.executable, jax_cache_dir: str = ""):
+        """`jax_cache_dir`: a persistent compilation cache the trials share (seeds of one model
+        compile the same programs; a cache hit skips the compile)."""
         self.python = python
+        self.env = ({"JAX_COMPILATION_CACHE_DIR": jax_cache_dir,
+                     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"} if jax_cache_dir else {})
 
     def argv(self, trial: Trial, workdir: str) -> list[str]:
         return [self.python, "-m", "experiments.train", *trial.train_args(workdir)]
@@ -247,7 +251,7 @@ class TpuVmLauncher(LocalLauncher):
                  python: str = "python", remote_cd: str = ""):
         if not tpu or not zone:
             raise ValueError(f"tpu and zone are needed for tpu_vm, got tpu={tpu!r} zone={zone!r}")
-        super().__init__(python=python)
+        super().__init__(python=python)  # No env: the workers have their own.
         self.tpu, self.zone, self.project = tpu, zone, project
         self.remote_workdir, self.remote_cd = remote_workdir, remote_cd
 
@@ -386,6 +390,33 @@ class Summary:
     skipped: list[str]  # Finished (or submitted) before this run.
     interrupted: list[str]
     submitted: list[str]
+    busy: list[str] = dataclasses.field(default_factory=list)  # Another runner had them.
+
+
+class _TrialLock:
+    """An exclusive flock on <trial_dir>/sweep.lock while a runner runs the trial, so that two
+    runners on one sweep never run one trial twice at once; the kernel drops it when the runner
+    dies, however it dies. `with _TrialLock(d) as owned:` (owned False: another runner has it)."""
+
+    def __init__(self, trial_dir: str):
+        self.path = os.path.join(trial_dir, "sweep.lock")
+        self.file = None
+
+    def __enter__(self) -> bool:
+        import fcntl  # POSIX only, like the runner's signals.
+
+        self.file = open(self.path, "a")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.close()
+            self.file = None
+            return False
+        return True
+
+    def __exit__(self, *exc_info) -> None:
+        if self.file is not None:
+            self.file.close()  # Closing releases the lock.
 
 
 def _format_duration(seconds: float) -> str:
@@ -453,6 +484,10 @@ def run_sweep(trials: list[Trial], launcher, *, workdir: str, parallel: int = 1,
         return summary
 
     manifest = Manifest(workdir)
+    for trial in trials:  # Finished outside this runner (or its record was lost): say so.
+        if trial.name in skipped and previous.get(trial.name, {}).get("state") != "done" and (
+                result := launcher.reads_metrics and read_result(trial_workdir(workdir, trial))):
+            manifest.record(trial, "done", result=result)
     for trial in to_run:
         if trial.name not in previous:
             manifest.record(trial, "pending", command=launcher.argv(trial, workdir))
@@ -475,6 +510,15 @@ def run_sweep(trials: list[Trial], launcher, *, workdir: str, parallel: int = 1,
     def run_one(trial: Trial) -> None:
         trial_dir = trial_workdir(workdir, trial)
         os.makedirs(trial_dir, exist_ok=True)
+        with _TrialLock(trial_dir) as owned:
+            if not owned:
+                with lock:
+                    summary.busy.append(trial.name)
+                    progress(f"skipped {trial.name}: another runner is running it")
+                return
+            run_locked(trial, trial_dir)
+
+    def run_locked(trial: Trial, trial_dir: str) -> None:
         if isinstance(launcher, SlurmLauncher):
             launcher.write_script(trial, workdir)
         argv = launcher.argv(trial, workdir)
@@ -487,7 +531,8 @@ def run_sweep(trials: list[Trial], launcher, *, workdir: str, parallel: int = 1,
             try:
                 with open(log_path, "ab") as log:
                     process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                               stdin=subprocess.DEVNULL, start_new_session=True)
+                                               stdin=subprocess.DEVNULL, start_new_session=True,
+                                               env={**os.environ, **getattr(launcher, "env", {})})
             except OSError as error:
                 process = None
                 failure = f"{type(error).__name__}: {error}"
@@ -503,7 +548,7 @@ def run_sweep(trials: list[Trial], launcher, *, workdir: str, parallel: int = 1,
                 summary.failed.append(trial.name)
                 manifest.record(trial, "failed", error=failure, log=log_path)
                 progress(f"FAILED {trial.name}: {failure}")
-            elif returncode != 0:
+            elif returncode != 0 and result is None:  # metrics.json is written last: done.
                 error = f"exit code {returncode}: {_last_error_line(log_path)}"
                 if stop.is_set() or returncode == INTERRUPTED_EXIT:
                     summary.interrupted.append(trial.name)
@@ -561,6 +606,7 @@ def run_sweep(trials: list[Trial], launcher, *, workdir: str, parallel: int = 1,
     progress(f"finished in {_format_duration(time.monotonic() - start)}: "
              f"{len(summary.done)} done, {len(summary.failed)} failed, "
              f"{len(summary.interrupted)} interrupted, {len(summary.submitted)} submitted, "
-             f"{len(skipped)} skipped" + (f"; failed: {', '.join(summary.failed)}"
+             f"{len(skipped)} skipped" + (f", {len(summary.busy)} run by another runner"
+                                          if summary.busy else "") + (f"; failed: {', '.join(summary.failed)}"
                                            if summary.failed else ""))
     return summary

@@ -162,7 +162,8 @@ def test_dry_run_prints_commands_and_runs_nothing(tmp_path):
 
 # Follows experiments.train's contract: resumes from <workdir>/ckpt, exits 75 without metrics.json
 # when SIGTERM stops it, writes metrics.json when done. `--config.train.num_steps=-1` fails;
-# `--config.train.num_steps=0` waits for SIGTERM, `-2` exits 75 at once. Every start is appended to <workdir>/starts.
+# `--config.train.num_steps=0` waits for SIGTERM, `-2` exits 75 at once, `-3` exits 75 after
+# writing metrics.json. Every start is appended to <workdir>/starts.
 _FAKE_TRAIN = r"""
 import json, os, signal, sys, time
 args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
@@ -173,7 +174,7 @@ ckpt = os.path.join(workdir, "ckpt")
 resumed = int(open(ckpt).read()) if os.path.exists(ckpt) else 0
 if steps == -2:
     sys.exit(75)  # Preempted from outside: a checkpoint was saved.
-if steps < 0:
+if steps == -1:
     raise ValueError("boom in " + workdir)
 if steps == 0 and not resumed:
     signal.signal(signal.SIGTERM, lambda *_: (open(ckpt, "w").write("7"), sys.exit(75)))
@@ -182,6 +183,8 @@ if steps == 0 and not resumed:
     sys.exit(3)
 json.dump({"test_error_pct": 10.0 + seed, "steps": 7, "resumed_from_step": resumed,
            "config": {"seed": seed}}, open(os.path.join(workdir, "metrics.json"), "w"))
+if steps == -3:
+    sys.exit(75)  # A stop that came after the results were written.
 """
 
 
@@ -251,12 +254,40 @@ def test_stop_interrupts_and_rerun_resumes_from_the_checkpoint(tmp_path):
     assert result["resumed_from_step"] == 7  # The same command picked up its checkpoint.
 
 
-def test_exit_75_is_an_interruption_not_a_failure(tmp_path):
-    trials = _trials(-2)
+def test_exit_75_is_an_interruption_not_a_failure_and_results_make_it_done(tmp_path):
+    trials = _trials(-2, -3)
     summary = sweep_lib.run_sweep(trials, FakeLauncher(), workdir=str(tmp_path),
                                   print_fn=lambda line: None)
-    assert (summary.interrupted, summary.failed) == ([trials[0].name], [])
-    assert sweep_lib.read_manifest(str(tmp_path))[trials[0].name]["state"] == "interrupted"
+    assert (summary.interrupted, summary.failed, summary.done) == (
+        [trials[0].name], [], [trials[1].name])
+    states = sweep_lib.read_manifest(str(tmp_path))
+    assert [states[t.name]["state"] for t in trials] == ["interrupted", "done"]
+
+
+def test_a_trial_another_runner_holds_is_left_to_it(tmp_path):
+    import fcntl
+
+    workdir = str(tmp_path)
+    trials = _trials(1, 1)
+    os.makedirs(os.path.join(workdir, trials[0].name))
+    with open(os.path.join(workdir, trials[0].name, "sweep.lock"), "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # As a running runner holds it.
+        summary = sweep_lib.run_sweep(trials, FakeLauncher(), workdir=workdir,
+                                      print_fn=lambda line: None)
+    assert (summary.busy, summary.done) == ([trials[0].name], [trials[1].name])
+    assert [_starts(workdir, t) for t in trials] == [0, 1]
+
+
+def test_a_trial_finished_elsewhere_is_recorded_done(tmp_path):
+    workdir = str(tmp_path)
+    trials = _trials(1)
+    sweep_lib.run_sweep(trials, FakeLauncher(), workdir=workdir, print_fn=lambda line: None)
+    os.remove(os.path.join(workdir, sweep_lib.MANIFEST))  # As if another runner had run it.
+    summary = sweep_lib.run_sweep(trials, FakeLauncher(), workdir=workdir,
+                                  print_fn=lambda line: None)
+    assert summary.skipped == [trials[0].name] and _starts(workdir, trials[0]) == 1
+    entry = sweep_lib.read_manifest(workdir)[trials[0].name]
+    assert (entry["state"], entry["result"]["test_error_pct"]) == ("done", 10.0)
 
 
 def test_a_torn_manifest_line_and_a_stale_running_state_are_survived(tmp_path):
@@ -301,7 +332,8 @@ _TINY = ["--config.train.num_steps=2", "--config.data.num_train=64", "--config.d
 def test_sweep_end_to_end_killed_resumed_and_tabled(tmp_path):
     workdir = str(tmp_path / "sweep")
     command = [sys.executable, "-m", "experiments.sweep", f"--config={_sweep_config(tmp_path)}",
-               "--sweep=four", f"--workdir={workdir}", "--parallel=2", *_TINY]
+               "--sweep=four", f"--workdir={workdir}", "--parallel=2", *_TINY,
+               f"--jax_cache_dir={tmp_path / 'jax_cache'}"]  # Halves a trial's CPU time here.
     runner = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)
     deadline = time.monotonic() + 120
@@ -339,3 +371,4 @@ def test_sweep_end_to_end_killed_resumed_and_tabled(tmp_path):
         expected.append(f"{metrics['test_error_pct']:.2f} (n=1) ‡ / {paper}")
     assert fcn_row == "| FCN | " + " | ".join(expected) + " |"
     assert os.path.getsize(os.path.join(workdir, "tables.png")) > 1000
+    assert os.listdir(tmp_path / "jax_cache")  # The trials wrote to the shared cache.
