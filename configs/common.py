@@ -112,9 +112,7 @@ def mnist_config(distortion: str, arg: str | None = None) -> ml_collections.Conf
     config.model = model = ml_collections.ConfigDict()
     model.name = args["model"]  # fcn | cnn | st_fcn | st_cnn.
     model.transform = args["transform"]  # affine | projective | tps (st_* only).
-    # The transformer's output is 1/st_downsample of the input side: 2 on the larger RTS and
-    # TC canvases [S].
-    model.st_downsample = 2 if distortion in ("RTS", "TC") else 1
+    model.st_downsample = 2 if distortion in ("RTS", "TC") else 1  # ST output side / input's [S].
     model.reference_width = 128  # FCN hidden width whose parameter count all models match [?].
 
     config.train = train = ml_collections.ConfigDict()

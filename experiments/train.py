@@ -32,6 +32,7 @@ bad config or flag exits with status 2 and one line saying what is wrong.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import sys
@@ -85,26 +86,84 @@ def _initialize_distributed() -> None:
                  jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
+def fail(message: str) -> None:
+    """Prints one line, 'error: <message>', to stderr and exits with status 2 (a usage error)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _root_message(error: BaseException) -> str:
+    """The innermost cause of a chain of exceptions, in one line (absl and ml_collections
+    wrap a config error in two or three others, each repeating a traceback)."""
+    chain = [error]
+    while (chain[-1].__cause__ or chain[-1].__context__) is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    hinted = [e for e in chain if "did you mean" in str(e).lower()]
+    error = hinted[0] if hinted else chain[-1]
+    text = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+    hint = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', text)
+    if hint:  # ml_collections' message for a misspelt field of a locked config.
+        return f"unknown config field \"{hint.group(2)}\": did you mean \"{hint.group(1)}\"?"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return lines[0] if len(lines) == 1 else f"{lines[0]}: {lines[-1]}"
+
+
+def _did_you_mean(message: str) -> str:
+    """Adds the closest config field to an 'Unknown command line flag config.x' message."""
+    match = re.search(r"Unknown command line flag '(config\.[\w.]+)'", message)
+    config = _CONFIG.value if match and flags.FLAGS["config"].present else None
+    if config is None:
+        return message
+    fields = ["config." + k for k in _flatten(config.to_dict())]
+    close = difflib.get_close_matches(match.group(1), fields, n=1)
+    return message + (f" (did you mean --{close[0]}?)" if close else "")
+
+
+def _flatten(tree: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in tree.items():
+        out += _flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else [prefix + key]
+    return out
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing with every error as one line and exit status 2."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        fail(_did_you_mean(_root_message(e)))
+    except (AttributeError, ValueError, TypeError, OSError, KeyError) as e:
+        fail(_root_message(e))
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        fail(f"unexpected arguments: {argv[1:]}")
     if not _DISTRIBUTED.value and any(
             f.value is not None for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)):
-        raise app.UsageError("--coordinator_address/--num_processes/--process_id need "
-                             "--distributed")
+        fail("--coordinator_address/--num_processes/--process_id need --distributed")
+    try:
+        config = _CONFIG.value
+        config.get("task")  # A file that failed to load gives a placeholder that raises here.
+    except (OSError, AttributeError, ValueError) as e:
+        fail(_root_message(e))
     from stn_jax import train  # After flag parsing: --help and flag errors stay fast.
 
-    config = _CONFIG.value
     try:
-        train.check_config(config)
+        train.check_config(config)  # Names and numbers, before jax starts any device.
     except ValueError as e:
-        raise app.UsageError(f"--config: {e}") from None
+        fail(str(e))
     if _DISTRIBUTED.value:
         _initialize_distributed()
-    workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename
-                                                if hasattr(flags.FLAGS["config"],
-                                                           "config_filename")
-                                                else _config_arg())
+    import jax
+
+    try:
+        train.check_config(config, num_devices=jax.device_count())
+    except ValueError as e:
+        fail(str(e))
+    workdir = _WORKDIR.value or default_workdir(_config_arg())
     logging.info("workdir: %s (config in %s)", os.path.abspath(workdir),
                  os.path.join(os.path.abspath(workdir), "config.json"))
     result = train.train_and_evaluate(config, workdir)
@@ -113,11 +172,14 @@ def main(argv: list[str]) -> None:
 
 
 def _config_arg() -> str:
-    for arg in sys.argv[1:]:
+    """The --config value as given on the command line (file and variants)."""
+    for i, arg in enumerate(sys.argv[1:], 1):
         if arg.startswith("--config="):
             return arg[len("--config="):]
+        if arg == "--config" and i + 1 < len(sys.argv):
+            return sys.argv[i + 1]
     return "config"
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -31,6 +31,7 @@ from stn_jax.train import (
     learning_rate_schedule,
     make_optimizer,
     train_and_evaluate,
+    transformer_labels,
 )
 from stn_jax.train import metrics as metrics_lib
 from stn_jax.train import pictures
@@ -128,7 +129,8 @@ def test_loc_lr_multiplier_scales_only_the_transformer_updates():
     base = dict(learning_rate=0.1, lr_decay_every=10, lr_decay_factor=0.1, momentum=0.9,
                 weight_decay=0.0)
     plain = make_optimizer(ml_collections.ConfigDict(base))
-    slow = make_optimizer(ml_collections.ConfigDict(dict(base, loc_lr_multiplier=0.1)))
+    slow = make_optimizer(ml_collections.ConfigDict(dict(base, loc_lr_multiplier=0.1)),
+                          param_labels=transformer_labels(model))
     want, _ = plain.update(grads, plain.init(params), params)
     got, _ = slow.update(grads, slow.init(params), params)
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(got)[0]]
@@ -227,13 +229,13 @@ def test_one_step_writes_checkpoint_metrics_picture_and_logs(tmp_path):
     assert step == 1 and Image.open(io.BytesIO(png)).size == picture.size
 
 
-def _kill_at(monkeypatch, step_to_kill: int):
+def _kill_at(monkeypatch, step_to_kill: int, signum=signal.SIGTERM):
     original = pipeline.DistortedMNIST.train_batch
 
-    def train_batch(self, step, batch_size):
+    def train_batch(self, step, batch_size, **kwargs):
         if step == step_to_kill:
-            os.kill(os.getpid(), signal.SIGTERM)  # The handler only sets a flag.
-        return original(self, step, batch_size)
+            os.kill(os.getpid(), signum)  # The handler only sets a flag.
+        return original(self, step, batch_size, **kwargs)
 
     monkeypatch.setattr(pipeline.DistortedMNIST, "train_batch", train_batch)
 
@@ -250,17 +252,28 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
     train_and_evaluate(config(4), str(tmp_path / "extended"))
     extended = train_and_evaluate(config(8), str(tmp_path / "extended"))
     assert extended["resumed_from_step"] == 4
-    # SIGTERM while fetching batch 2: that step completes, step 3 is saved, the run returns.
-    handler = signal.getsignal(signal.SIGTERM)
+    # SIGTERM while the batch of step 2 is prepared (during step 1's update on the device):
+    # step 2 is saved and the run returns. A first Ctrl-C (SIGINT) does the same.
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with monkeypatch.context() as patch:
         _kill_at(patch, 2)
         preempted = train_and_evaluate(config(8), str(tmp_path / "preempted"))
-    assert preempted == {"preempted": True, "steps": 3}
-    assert os.listdir(tmp_path / "preempted" / "checkpoints") == ["3"]
+    assert preempted == {"preempted": True, "steps": 2}
+    assert os.listdir(tmp_path / "preempted" / "checkpoints") == ["2"]
     assert not (tmp_path / "preempted" / "metrics.json").exists()
-    assert signal.getsignal(signal.SIGTERM) is handler  # The run's handler is gone again.
+    with monkeypatch.context() as patch:
+        _kill_at(patch, 5, signal.SIGINT)
+        interrupted = train_and_evaluate(config(8), str(tmp_path / "preempted"))
+    assert interrupted == {"preempted": True, "steps": 5}
+    # The run's handlers are gone again.
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
     resumed = train_and_evaluate(config(8), str(tmp_path / "preempted"))
-    assert resumed["resumed_from_step"] == 3
+    assert resumed["resumed_from_step"] == 5
+    # Wall time over the three processes that worked on it, each segment recorded.
+    assert [(s["first_step"], s["last_step"]) for s in resumed["segments"]] == [
+        (0, 2), (2, 5), (5, 8)]
+    assert resumed["wall_time_s"] == pytest.approx(
+        sum(s["wall_time_s"] for s in resumed["segments"]))
 
     reference = saved(tmp_path / "whole", 8)
     for run in ("extended", "preempted"):
@@ -277,11 +290,10 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
 def test_nan_stops_run_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     original = pipeline.DistortedMNIST.train_batch
 
-    def train_batch(self, step, batch_size):
-        batch = original(self, step, batch_size)
+    def train_batch(self, step, batch_size, **kwargs):
+        batch = original(self, step, batch_size, **kwargs)
         if step == 4:  # The 5th update sees a NaN image.
-            batch["image"] = batch["image"].copy()
-            batch["image"][0, 0, 0, 0] = np.nan
+            batch["image"] = batch["image"].at[0, 0, 0, 0].set(np.nan)
         return batch
 
     monkeypatch.setattr(pipeline.DistortedMNIST, "train_batch", train_batch)

@@ -53,10 +53,15 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped early on purpose; rerun to resu
 _STOP_SYNC_EVERY = 10  # Steps between the processes' agreement on a stop signal.
 
 
-def check_config(config: ml_collections.ConfigDict) -> tasks.Task:
+def check_config(config: ml_collections.ConfigDict, *,
+                 num_devices: int | None = None) -> tasks.Task:
     """The task of `config`, after checking every field the loop and the task read.
 
     Cheap (no data, no model): the entry point calls it before any work.
+
+    Args:
+        config: the run config.
+        num_devices: if given, the batch sizes must split evenly over this many devices.
 
     Raises:
         ValueError: naming the first bad field.
@@ -77,6 +82,9 @@ def check_config(config: ml_collections.ConfigDict) -> tasks.Task:
         raise ValueError(f"train.learning_rate must be positive, got {train.learning_rate}")
     state_lib.learning_rate_schedule(train)  # Checks the schedule's fields.
     task.check_config()
+    if num_devices is not None:
+        for name in ("batch_size", "eval_batch_size"):
+            steps.check_divisible(train[name], num_devices, name=f"train.{name}")
     return task
 
 
@@ -105,10 +113,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         >>> train_and_evaluate(config, "/tmp/run")["test_error_pct"]
     """
     start_time = time.time()
-    task = check_config(config)
     mesh = steps.make_mesh()
-    steps.check_divisible(config.train.batch_size, mesh, name="train.batch_size")
-    steps.check_divisible(config.train.eval_batch_size, mesh, name="train.eval_batch_size")
+    task = check_config(config, num_devices=mesh.devices.size)
     is_main = jax.process_index() == 0
     workdir = os.path.abspath(workdir)
     if is_main:

@@ -28,9 +28,10 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
     return jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
-def check_divisible(batch_size: int, mesh: jax.sharding.Mesh, *, name: str) -> None:
-    """Raises ValueError unless `batch_size` splits evenly over the mesh's devices."""
-    n = mesh.devices.size
+def check_divisible(batch_size: int, devices: jax.sharding.Mesh | int, *, name: str) -> None:
+    """Raises ValueError unless `batch_size` splits evenly over the devices (a mesh or a
+    count)."""
+    n = devices if isinstance(devices, int) else devices.devices.size
     if batch_size <= 0 or batch_size % n:
         raise ValueError(
             f"{name}={batch_size} must be a positive multiple of the number of devices ({n}): "
@@ -105,7 +106,9 @@ def make_train_step(
     """
 
     def loss_fn(params, model_state, batch, step_key):
-        model = nnx.merge(graphdef, params, model_state, constants)
+        # copy=True: fresh Variables at this trace level, so batch norm may update its
+        # statistics inside the gradient's trace.
+        model = nnx.merge(graphdef, params, model_state, constants, copy=True)
         outputs = model(batch["image"], rngs=nnx.Rngs(dropout=step_key))
         loss, metrics = task.loss(outputs, batch)
         return loss, (metrics, nnx.state(model, nnx.BatchStat))
