@@ -304,22 +304,30 @@ class DistortedMNIST:
         return (index[:, None] + np.asarray(shift)) % n
 
     def _on_device(self, sharding):
-        """The jitted uint8 -> distorted float32 images function, output with `sharding`."""
+        """uint8 pixels (sharded) -> distorted float32 images with the same sharding.
+
+        The values are the host path's to the bit: the conversion reads a table of the 256
+        values numpy computes (XLA's x / 255 rounds some pixels 1 ulp differently, which
+        changed every run's trajectory), and the generator runs as its own program, the very
+        one the host path runs."""
         cache = self.__dict__.setdefault("_device_fns", {})
         if sharding not in cache:
-            def generate(key, pixels, others):
-                images = pixels.astype(np.float32) / 255.0
-                if key is None:  # fixed_train: already distorted.
-                    return images
-                digits = images[..., None]
-                _, k_distort = jax.random.split(key)
-                if others is None:
-                    return self._generator(k_distort, digits, **self._kwargs)[0]
-                others = (others.astype(np.float32) / 255.0)[..., None]
-                return self._generator(k_distort, digits, others, **self._kwargs)[0]
+            table = np.arange(256, dtype=np.float32) / 255.0  # == uint8.astype(f32) / 255.0
+            cache[sharding] = jax.jit(lambda x: jax.numpy.asarray(table)[x],
+                                      out_shardings=sharding)
+        to_float = cache[sharding]
 
-            cache[sharding] = jax.jit(generate, out_shardings=sharding)
-        return cache[sharding]
+        def generate(key, pixels, others):
+            images = to_float(pixels)
+            if key is None:  # fixed_train: already distorted.
+                return images
+            _, k_distort = jax.random.split(key)
+            if others is None:
+                return self._generator(k_distort, images[..., None], **self._kwargs)[0]
+            return self._generator(k_distort, images[..., None], to_float(others)[..., None],
+                                   **self._kwargs)[0]
+
+        return generate
 
     def test_batches(self, batch_size: int, *, sharding) -> Iterator[dict]:
         """The test set once, as global padded batches with a "mask" (see `batching`)."""
