@@ -33,6 +33,7 @@ bad config or flag exits with status 2 and one line saying what is wrong.
 from __future__ import annotations
 
 import difflib
+import logging as std_logging
 import os
 import re
 import sys
@@ -149,6 +150,8 @@ def main(argv: list[str]) -> None:
         config.get("task")  # A file that failed to load gives a placeholder that raises here.
     except (OSError, AttributeError, ValueError) as e:
         fail(_root_message(e))
+    # jax says at INFO that it found no TPU on every machine without one: not news.
+    std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
     from stn_jax import train  # After flag parsing: --help and flag errors stay fast.
 
     try:
