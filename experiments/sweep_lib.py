@@ -365,9 +365,11 @@ def read_result(trial_dir: str) -> dict | None:
     return {key: metrics[key] for key in RESULT_KEYS if key in metrics}
 
 
-def _last_error_line(log_path: str) -> str:
+def _last_error_line(log_path: str, offset: int = 0) -> str:
+    """The exception line of the log after `offset` (where this attempt began), else its last."""
     try:
         with open(log_path, errors="replace") as f:
+            f.seek(offset)
             lines = [line.strip() for line in f.read().splitlines()[-200:] if line.strip()]
     except OSError:
         return ""
@@ -523,6 +525,7 @@ def run_sweep(trials: list[Trial], launcher, *, workdir: str, parallel: int = 1,
             launcher.write_script(trial, workdir)
         argv = launcher.argv(trial, workdir)
         log_path = os.path.join(trial_dir, LOG)
+        offset = os.path.getsize(log_path) if os.path.exists(log_path) else 0  # Earlier attempts.
         began = time.monotonic()
         with lock:
             if stop.is_set():
@@ -549,7 +552,7 @@ def run_sweep(trials: list[Trial], launcher, *, workdir: str, parallel: int = 1,
                 manifest.record(trial, "failed", error=failure, log=log_path)
                 progress(f"FAILED {trial.name}: {failure}")
             elif returncode != 0 and result is None:  # metrics.json is written last: done.
-                error = f"exit code {returncode}: {_last_error_line(log_path)}"
+                error = f"exit code {returncode}: {_last_error_line(log_path, offset)}"
                 if stop.is_set() or returncode == INTERRUPTED_EXIT:
                     summary.interrupted.append(trial.name)
                     manifest.record(trial, "interrupted", error=error, log=log_path)

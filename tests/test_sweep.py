@@ -193,6 +193,11 @@ class FakeLauncher(sweep_lib.LocalLauncher):
         return [sys.executable, "-c", _FAKE_TRAIN, *trial.train_args(workdir)[1:]]
 
 
+class _Fails75Launcher(sweep_lib.LocalLauncher):
+    def argv(self, trial, workdir):
+        return [sys.executable, "-c", "import sys; print('stopped'); sys.exit(75)"]
+
+
 def _trials(*steps):
     return sweep_lib.make_trials("configs/mnist_r.py", "x", sweep=[
         {"config.seed": i, "config.train.num_steps": s} for i, s in enumerate(steps)])
@@ -226,6 +231,12 @@ def test_failing_trial_is_recorded_and_the_others_go_on(tmp_path):
     summary = sweep_lib.run_sweep(trials, FakeLauncher(), workdir=workdir, rerun_failed=False,
                                   print_fn=lines.append)
     assert len(summary.skipped) == 3 and [_starts(workdir, t) for t in trials] == [1, 2, 1]
+    # An attempt's error is its own, not an earlier attempt's still in the log.
+    sweep_lib.run_sweep(sweep_lib.make_trials("configs/mnist_r.py", "x", sweep=[
+        {"config.seed": 1, "config.train.num_steps": -1}]), _Fails75Launcher(), workdir=workdir,
+        print_fn=lambda line: None)
+    entry = sweep_lib.read_manifest(workdir)[trials[1].name]
+    assert (entry["state"], entry["error"]) == ("interrupted", "exit code 75: stopped")
 
 
 def test_stop_interrupts_and_rerun_resumes_from_the_checkpoint(tmp_path):
