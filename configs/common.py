@@ -239,3 +239,20 @@ def mnist_sweeps(distortion: str) -> dict[str, list[dict]]:
         "cnn_vs_st": product(files(distortion),
                              [{"model": "st_cnn", "transform": "affine"}, {"model": "cnn"}], seeds),
     }
+
+
+def svhn_sweeps() -> dict[str, list[dict]]:
+    """The named sweeps for configs/svhn.py: table2, the cells of Table 2 (CNN, ST-CNN Single,
+    ST-CNN Multi x 64 and 128 px) x 3 seeds (18)."""
+    return {"table2": product(axis("config_file", ["configs/svhn.py"]),
+                              axis("model", ["cnn", "st_single", "st_multi"]),
+                              axis("size", ["64", "128"]), axis("config.seed", MNIST_SEEDS))}
+
+
+def cub_sweeps() -> dict[str, list[dict]]:
+    """The named sweeps for configs/cub.py: table3, the paper's four cells of Table 3 (CNN 224 px,
+    2xST-CNN 224 and 448 px, 4xST-CNN 448 px) x 3 seeds (12)."""
+    cells = [{"num_st": num_st, "size": size}
+             for num_st, size in (("0", "224"), ("2", "224"), ("2", "448"), ("4", "448"))]
+    return {"table3": product(axis("config_file", ["configs/cub.py"]), cells,
+                              axis("config.seed", MNIST_SEEDS))}

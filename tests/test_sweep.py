@@ -54,6 +54,22 @@ def test_mnist_sweeps_sizes_and_table1_cells():
     assert all(sorted(seeds) == [0, 1, 2] for seeds in cells.values())
 
 
+@pytest.mark.parametrize("family, table", [("svhn", "table2"), ("cub", "table3")])
+def test_svhn_and_cub_sweeps_fill_their_tables(family, table):
+    if not (ROOT / "configs" / f"{family}.py").exists():
+        pytest.skip(f"configs/{family}.py is not in this tree")
+    sweeps = getattr(common, f"{family}_sweeps")()
+    trials = sweep_lib.make_trials(f"configs/{family}.py", table, sweep=common.sweep(sweeps, table))
+    cells = {}
+    for trial in trials:
+        config = sweep_lib.build_config(trial)
+        placed = tables_lib.place({"test_error_pct": 1.0, "config": config.to_dict()})
+        cells.setdefault(placed[:3], []).append(config.seed)
+    assert sorted(cells) == sorted((table, row, column)
+                                   for row, column in tables_lib.TABLES[table].paper)
+    assert all(sorted(seeds) == [0, 1, 2] for seeds in cells.values())
+
+
 def test_make_trials_merges_base_variants_fields_and_names():
     trials = sweep_lib.make_trials(
         "configs/mnist_rts.py:runlocal=True", "x", base_fields={"train.num_steps": 2},
