@@ -356,12 +356,14 @@ class Manifest:
 
 
 def read_result(trial_dir: str) -> dict | None:
-    """The summary of `<trial_dir>/metrics.json`, or None if there is none (yet)."""
+    """The summary of `<trial_dir>/metrics.json`, or None if there is none (yet) or it is cut
+    short (being written)."""
     path = os.path.join(trial_dir, "metrics.json")
-    if not os.path.exists(path):
+    try:
+        with open(path) as f:
+            metrics = json.load(f)
+    except (OSError, json.JSONDecodeError):
         return None
-    with open(path) as f:
-        metrics = json.load(f)
     return {key: metrics[key] for key in RESULT_KEYS if key in metrics}
 
 

@@ -129,14 +129,20 @@ def place(metrics: dict) -> tuple[str, str, str, float] | None:
 
 
 def find_runs(workdir: str) -> list[tuple[str, dict]]:
-    """Every metrics.json under `workdir` (sorted by path) and its contents."""
+    """Every readable metrics.json under `workdir` (sorted by path) and its contents; one cut
+    short (still being written) or not a JSON object is left out."""
     runs = []
     for folder, subfolders, files in os.walk(workdir):
         subfolders.sort()
         if "metrics.json" in files:
             path = os.path.join(folder, "metrics.json")
-            with open(path) as f:
-                runs.append((path, json.load(f)))
+            try:
+                with open(path) as f:
+                    metrics = json.load(f)
+            except (OSError, json.JSONDecodeError):
+                continue
+            if isinstance(metrics, dict):
+                runs.append((path, metrics))
     return sorted(runs, key=lambda run: run[0])
 
 

@@ -74,6 +74,8 @@ def test_cells_mean_std_marks_and_missing(tmp_path):
         # Another setting of the ST-CNN cell: left out, counted.
         mnist_metrics(1.0, seed=0, num_steps=2),
     ])
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "metrics.json").write_text('{"test_error_pct": 1')  # Being written.
     runs = tables_lib.find_runs(str(tmp_path))
     assert len(runs) == 5
     cells = tables_lib.gather(runs)
