@@ -399,3 +399,11 @@ def test_sweep_end_to_end_killed_resumed_and_tabled(tmp_path):
     assert fcn_row == "| FCN | " + " | ".join(expected) + " |"
     assert os.path.getsize(os.path.join(workdir, "tables.png")) > 1000
     assert os.listdir(tmp_path / "jax_cache")  # The trials wrote to the shared cache.
+
+
+@pytest.mark.parametrize("module", [sweep_lib, common], ids=lambda m: m.__name__)
+def test_docstring_examples(module):
+    import doctest
+
+    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0

@@ -139,3 +139,10 @@ def test_entry_point_writes_md_csv_png(tmp_path):
     assert "| CNN | 6.00 (n=1) †‡ / 3.5 |" in result.stdout
     assert sorted(os.listdir(out)) == ["t1.csv", "t1.md", "t1.png"]
     assert (out / "t1.md").read_text() in result.stdout
+
+
+def test_docstring_examples():
+    import doctest
+
+    result = doctest.testmod(tables_lib, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
