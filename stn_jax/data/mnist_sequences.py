@@ -151,10 +151,10 @@ def render_numbers(
 
 
 def draw_numbers(rng: np.random.Generator, pool_labels: np.ndarray, count: int,
-                 *, min_length: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 *, max_length: int = MAX_DIGITS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Draws `count` numbers: (digit indices (count, 5), lengths (count,), labels (count, 5)).
 
-    Lengths are uniform in [min_length, 5] [?]; each slot's digit is uniform over the pool; the
+    Lengths are uniform in [1, max_length] [?]; each slot's digit is uniform over the pool; the
     labels hold `BLANK` past each number's length.
 
     Example:
@@ -162,8 +162,10 @@ def draw_numbers(rng: np.random.Generator, pool_labels: np.ndarray, count: int,
         >>> labels.shape, bool(np.all(labels[np.arange(5) >= lengths[:, None]] == 10))
         ((2, 5), True)
     """
+    if not 1 <= max_length <= MAX_DIGITS:
+        raise ValueError(f"max_length must be in [1, {MAX_DIGITS}], got {max_length!r}")
     index = rng.integers(0, len(pool_labels), size=(count, MAX_DIGITS))
-    lengths = rng.integers(min_length, MAX_DIGITS + 1, size=count)
+    lengths = rng.integers(1, max_length + 1, size=count)
     labels = np.where(np.arange(MAX_DIGITS)[None] < lengths[:, None], pool_labels[index], BLANK)
     return index, lengths.astype(np.int32), labels.astype(np.int32)
 
@@ -184,7 +186,7 @@ class MnistSequencesDataset:
     function of (seed, step): the host draws the digit indices and lengths of the global batch
     (`draw_numbers`), each process gathers its rows and the images are rendered on the devices
     with the batch sharding. With `crop` < `size`, training images are random crops and test
-    images centre crops.
+    images centre crops. `max_length` < 5 draws shorter numbers (an easier task, for tests).
 
     Example:
         >>> ds = MnistSequencesDataset(size=64, seed=0, num_test=1000)
@@ -196,7 +198,7 @@ class MnistSequencesDataset:
 
     def __init__(self, *, size: int = 64, seed: int = 0, num_test: int = 2000,
                  test_seed: int = 0, crop: int = 0, random_crop: bool = False,
-                 render_options: dict[str, Any] | None = None):
+                 max_length: int = MAX_DIGITS, render_options: dict[str, Any] | None = None):
         if size not in SIZES:
             raise ValueError(f"size must be one of {SIZES}, got {size!r}")
         if crop and not 0 < crop <= size:
@@ -211,6 +213,8 @@ class MnistSequencesDataset:
         self.num_train = len(self._train_labels)  # Distinct digits; numbers are endless.
         self.num_test = num_test
         self._seed, self._test_seed = seed, test_seed
+        draw_numbers(np.random.default_rng(0), np.arange(1), 1, max_length=max_length)  # checks
+        self._max_length = max_length
         self._options = dict(render_options or {})
         self._render = functools.partial(render_numbers, size=size, **self._options)
         self._renderers: dict[Any, Any] = {}
@@ -218,7 +222,8 @@ class MnistSequencesDataset:
                      size, self.num_train, len(self._test_labels), num_test)
 
     def _draw(self, seed: tuple[int, ...], pool_labels, count):
-        return draw_numbers(np.random.default_rng(list(seed)), pool_labels, count)
+        return draw_numbers(np.random.default_rng(list(seed)), pool_labels, count,
+                            max_length=self._max_length)
 
     def _finish(self, key, images, train: bool):
         if self.crop == self.size:
