@@ -225,3 +225,27 @@ def test_mnist_model_views_one_transformer_or_none():
     np.testing.assert_allclose(view["grid"][0], stn_jax.regular_grid((28, 28)), atol=1e-6)
     plain = mnist_models.create_model("fcn", input_shape=(28, 28), rngs=nnx.Rngs(0))
     assert plain.transformer_views(x) == []
+
+
+def test_pictures_draw_every_transformer_in_its_colour():
+    from stn_jax.train import pictures
+
+    images = np.zeros((2, 28, 28, 1), np.float32)
+    grid = np.asarray(stn_jax.regular_grid((14, 14)))
+    views = [{"output": np.ones((2, 14, 14, 1)), "grid": np.broadcast_to(0.4 * grid - 0.5,
+                                                                        (2, 14, 14, 2))},
+             {"output": np.zeros((2, 14, 14, 1)), "grid": np.broadcast_to(0.4 * grid + 0.5,
+                                                                         (2, 14, 14, 2))}]
+    picture = pictures.render(images, labels=[1, 2], predictions=[1, 2], views=views, columns=1)
+    one = pictures.render(images, labels=[1, 2], predictions=[1, 2], views=views[:1], columns=1)
+    scale = pictures.display_scale(28)
+    assert picture.shape[1] - one.shape[1] == 28 * scale + 6  # One more output panel.
+    for colour, (lo, hi) in zip(pictures.OUTLINE_COLOURS[:2], [(0.05, 0.45), (0.55, 0.95)]):
+        hit = np.all(picture == colour, axis=-1)
+        rows, cols = np.nonzero(hit[: picture.shape[0] // 2, : one.shape[1] // 2])
+        # Each outline sits where its grid reads: the upper-left or the lower-right part.
+        width = 28 * scale + 2 * (28 * scale // 5)
+        assert lo < (cols.mean() - 12) / width < hi, colour
+    with pytest.raises(ValueError, match="not both"):
+        pictures.render(images, labels=[1, 2], predictions=[1, 2], views=views,
+                        outputs=images, grids=views[0]["grid"])

@@ -96,12 +96,11 @@ class MnistTask(Task):
     def picture(self, model, examples, *, title):
         images = examples["image"]
         logits = model(images)
-        views = model.transformer_views(images)
-        view = views[0] if views else {}
+        views = [{k: np.asarray(v[k]) for k in ("output", "grid")}
+                 for v in model.transformer_views(images)]
         return pictures.render(
             images, labels=examples["label"], predictions=np.asarray(jnp.argmax(logits, -1)),
-            outputs=None if not views else np.asarray(view["output"]),
-            grids=None if not views else np.asarray(view["grid"]), title=title)
+            views=views, title=title)
 
     def describe(self, dataset, model):
         return (f"{self.config.model.name}/{self.config.model.transform} on "

@@ -21,6 +21,9 @@ from PIL import Image, ImageDraw, ImageFont
 _BACKGROUND = (40, 40, 40)
 _MARGIN = (75, 75, 75)
 _OUTLINE = (255, 60, 60)
+# One outline colour per transformer of a model (the first is _OUTLINE).
+OUTLINE_COLOURS = (_OUTLINE, (60, 160, 255), (80, 230, 80), (255, 170, 0), (220, 80, 255),
+                   (0, 220, 220))
 _GRID_LINES = (255, 200, 0)
 _RIGHT = (90, 220, 90)
 _WRONG = (255, 90, 90)
@@ -103,7 +106,8 @@ def _to_display(points: np.ndarray, in_hw: tuple[int, int], scale: int, offset: 
     return list(zip(x.tolist(), y.tolist()))
 
 
-def _draw_grid(draw: ImageDraw.ImageDraw, grid: np.ndarray, in_hw, scale, offset, *, lines=3):
+def _draw_grid(draw: ImageDraw.ImageDraw, grid: np.ndarray, in_hw, scale, offset, *, lines=3,
+               colour=_OUTLINE):
     """Draws `lines` interior grid rows and columns, then the grid's outline, onto the input."""
     rows, cols = grid.shape[:2]
     for i in np.linspace(0, rows - 1, lines + 2)[1:-1].round().astype(int):
@@ -111,7 +115,7 @@ def _draw_grid(draw: ImageDraw.ImageDraw, grid: np.ndarray, in_hw, scale, offset
     for j in np.linspace(0, cols - 1, lines + 2)[1:-1].round().astype(int):
         draw.line(_to_display(grid[:, j], in_hw, scale, offset), fill=_GRID_LINES, width=1)
     outline = _to_display(grid_outline(grid), in_hw, scale, offset)
-    draw.line(outline + outline[:1], fill=_OUTLINE, width=2)
+    draw.line(outline + outline[:1], fill=colour, width=2)
 
 
 def render(
@@ -121,6 +125,7 @@ def render(
     predictions: np.ndarray,
     outputs: np.ndarray | None = None,
     grids: np.ndarray | None = None,
+    views: list[dict] | None = None,
     columns: int | None = None,
     title: str = "",
 ) -> np.ndarray:
@@ -133,6 +138,10 @@ def render(
         outputs: (N,H',W',C) transformer outputs, or None for a model without one.
         grids: (N,H',W',2) the transformer's sampling grids (normalised input (x, y),
             align_corners=False); given together with `outputs`.
+        views: instead of outputs and grids, one dict per transformer of the model
+            (`model.transformer_views`): "output" (N,H',W',C) and "grid" (N,H',W',2). Every
+            grid is drawn on the input in its own colour (`OUTLINE_COLOURS`), every output in
+            its own panel.
         columns: tiles per row (default 4 with a transformer, 8 without).
         title: a line of text over the tiles (e.g. the step and test error).
 
@@ -152,13 +161,21 @@ def render(
                          f"{np.shape(predictions)}")
     if (outputs is None) != (grids is None):
         raise ValueError("outputs and grids go together: give both or neither")
-    if grids is not None and (np.shape(grids)[0] != n or np.shape(grids)[-1] != 2):
-        raise ValueError(f"grids must be ({n},H',W',2), got {np.shape(grids)}")
+    if views is not None and outputs is not None:
+        raise ValueError("give views, or outputs and grids, not both")
+    if outputs is not None:
+        views = [{"output": outputs, "grid": grids}]
+    views = list(views or [])
+    for view in views:
+        if np.shape(view["grid"])[0] != n or np.shape(view["grid"])[-1] != 2:
+            raise ValueError(f"grids must be ({n},H',W',2), got {np.shape(view['grid'])}")
+    grids = views[0]["grid"] if views else None
+    outputs = views[0]["output"] if views else None
 
     scale = display_scale(max(h, w))
     cell_w, cell_h = w * scale, h * scale
     margin = 0 if grids is None else max(cell_w, cell_h) // 5
-    panels = 1 if outputs is None else 2
+    panels = 1 + len(views)
     columns = min(columns or (8 if outputs is None else 4), n)
     rows = math.ceil(n / columns)
     tile_w = cell_w + 2 * margin + (panels - 1) * (cell_w + _PAD)
@@ -178,10 +195,18 @@ def render(
         y0 = title_h + 2 * _PAD + row * (tile_h + 2 * _PAD)
         panel = Image.new("RGB", (cell_w + 2 * margin, cell_h + 2 * margin), _MARGIN)
         panel.paste(_to_rgb(images[k], (cell_w, cell_h)), (margin, margin))
-        if grids is not None:
-            _draw_grid(ImageDraw.Draw(panel), np.asarray(grids[k]), (h, w), scale, margin)
-            canvas.paste(_to_rgb(outputs[k], (cell_w, cell_h)),
-                         (x0 + cell_w + 2 * margin + _PAD, y0 + margin))
+        for v, view in enumerate(views):
+            colour = OUTLINE_COLOURS[v % len(OUTLINE_COLOURS)]
+            _draw_grid(ImageDraw.Draw(panel), np.asarray(view["grid"][k]), (h, w), scale,
+                       margin, colour=colour)
+            out = np.asarray(view["output"][k])
+            size = (cell_w, cell_h)
+            left = x0 + cell_w + 2 * margin + _PAD + v * (cell_w + _PAD)
+            canvas.paste(_to_rgb(out, size), (left, y0 + margin))
+            if len(views) > 1:
+                ImageDraw.Draw(canvas).rectangle(
+                    [left, y0 + margin, left + size[0] - 1, y0 + margin + size[1] - 1],
+                    outline=colour, width=2)
         canvas.paste(panel, (x0, y0))
         right = int(predictions[k]) == int(labels[k])
         draw.text((x0, y0 + cell_h + 2 * margin + 2),
