@@ -184,3 +184,41 @@ def test_each_distortion_runs_through_the_pipeline(distortion, canvas):
     ink = batch["image"].sum(axis=(1, 2, 3))
     # P with 5 px corner noise squeezes a few digits hard (about 6% keep < 25% of their ink).
     assert np.median(ink) > 20.0 and np.all(ink > 1.0)
+
+
+@pytest.mark.parametrize(
+    "distortion,settings",
+    [
+        ("RTS", {"canvas": 36, "rotation_deg": 10.0, "scale_min": 0.8, "scale_max": 0.9}),
+        ("P", {"canvas": 32, "scale_min": 0.6, "scale_max": 0.7, "corner_std_px": 2.0}),
+        ("E", {"canvas": 30, "scale_min": 0.6, "scale_max": 0.7, "control_std_px": 0.5,
+               "control_grid_size": 3}),
+    ],
+)
+def test_non_default_settings_reach_the_generator(monkeypatch, distortion, settings):
+    # Every field a config sets is what the generator gets, and what it draws lies in the
+    # configured ranges (defaults would not: RTS rotates +-45 degrees at scale 0.7-1.2, P and E
+    # scale 0.75-1.0).
+    ds = pipeline.DistortedMNIST(_config(distortion, **settings), seed=0)
+    calls = []
+    real = ds._generator
+
+    def spy(key, digits, **kwargs):
+        images, params = real(key, digits, **kwargs)
+        calls.append((kwargs, {k: np.asarray(v) for k, v in params.items()}))
+        return images, params
+
+    monkeypatch.setattr(ds, "_generator", spy)
+    batch = ds.train_batch(0, 16)
+    canvas = settings["canvas"]
+    assert batch["image"].shape == (16, canvas, canvas, 1) and ds.image_shape == (canvas, canvas, 1)
+    (kwargs, params), = calls
+    assert kwargs == settings
+    lo, hi = settings["scale_min"], settings["scale_max"]
+    assert np.all((params["scale"] >= lo - 1e-6) & (params["scale"] <= hi + 1e-6)), params["scale"]
+    assert params["scale"].std() > 0.01  # drawn, not fixed
+    if distortion == "RTS":
+        assert np.abs(params["angle_deg"]).max() <= 10.0 + 1e-4
+        assert np.abs(params["angle_deg"]).max() > 3.0
+    if distortion == "E":
+        assert params["control_points_px"].shape == (16, 9, 2)  # a 3 x 3 lattice

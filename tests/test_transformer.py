@@ -108,6 +108,26 @@ def test_bias_drives_the_transform(kind):
     np.testing.assert_allclose(out[:, :, -1], 0.0, atol=ATOL[kind])  # zeros padding
 
 
+@pytest.mark.parametrize("sampler", ["bilinear", "nearest"])
+def test_padding_mode_and_align_corners_reach_the_sampler(sampler):
+    # A zoom-out by 2 with a shift reads far outside the input, where the three padding modes
+    # differ: each module's output is the sampler's with its own options, and no two agree.
+    theta = jnp.array([[2.0, 0.3, 0.4], [-0.2, 2.0, -0.3]])
+    x = images(4)
+    grid = stn_jax.affine_grid(jnp.broadcast_to(theta, (B, 2, 3)), (H, W), align_corners=True)
+    fn = stn_jax.bilinear_sample if sampler == "bilinear" else stn_jax.nearest_sample
+    outs = {}
+    for mode in ("zeros", "border", "reflection"):
+        st = make_st("affine", padding_mode=mode, align_corners=True, sampler=sampler)
+        st.regression.bias[...] = theta.reshape(-1)
+        outs[mode], _ = apply(st, x)
+        # Jitted inside the module, eager here: float32 rounding apart (measured 1.0e-6).
+        np.testing.assert_allclose(outs[mode], fn(x, grid, padding_mode=mode, align_corners=True),
+                                   atol=1e-5, rtol=0)
+    for a, b in (("zeros", "border"), ("zeros", "reflection"), ("border", "reflection")):
+        assert np.abs(outs[a] - outs[b]).max() > 0.1, (a, b)
+
+
 def test_custom_tps_control_points():
     cp = jnp.stack(jnp.meshgrid(jnp.linspace(-1, 1, 3), jnp.linspace(-1, 1, 3), indexing="xy"),
                    -1).reshape(-1, 2)
