@@ -177,6 +177,8 @@ class BNInception(nnx.Module):
 
     Args:
         num_classes: None (features only) or the width of `last_linear` (1000 for ImageNet).
+        num_blocks: inception blocks kept, 10 (all, to 5b) by default; fewer make a smaller
+            net of the same layers (tests of training with batch norm compile it in seconds).
         rngs: initialisation.
 
     Example:
@@ -188,13 +190,19 @@ class BNInception(nnx.Module):
     name = "bn_inception"
     num_features = 1024
 
-    def __init__(self, *, num_classes: int | None = None, rngs: nnx.Rngs):
+    def __init__(self, *, num_classes: int | None = None, num_blocks: int = 10,
+                 rngs: nnx.Rngs):
+        if not isinstance(num_blocks, int) or not 1 <= num_blocks <= len(INCEPTION_BLOCKS):
+            raise ValueError(f"num_blocks must be an int in 1..{len(INCEPTION_BLOCKS)}, "
+                             f"got {num_blocks!r}")
         self.conv1_7x7_s2 = ConvBN(3, 64, 7, stride=2, padding=3, rngs=rngs)
         self.conv2_3x3_reduce = ConvBN(64, 64, 1, rngs=rngs)
         self.conv2_3x3 = ConvBN(64, 192, 3, padding=1, rngs=rngs)
-        self.blocks = nnx.List([InceptionBlock(spec, rngs=rngs) for spec in INCEPTION_BLOCKS])
+        self.blocks = nnx.List([InceptionBlock(spec, rngs=rngs)
+                                for spec in INCEPTION_BLOCKS[:num_blocks]])
+        self.num_features = self.blocks[-1].num_out
         self.last_linear = (None if num_classes is None
-                            else nnx.Linear(1024, num_classes, rngs=rngs))
+                            else nnx.Linear(self.num_features, num_classes, rngs=rngs))
 
     def features(self, images: jax.Array) -> jax.Array:
         """RGB 0-255 (B, H, W, 3) -> inception_5b output (B, ~H/32, ~W/32, 1024)."""
