@@ -208,7 +208,7 @@ def test_float32_matches_dense_reference(padding_mode, align_corners, method):
 
 
 def _far_coords(rng, n, size, align_corners):
-    """n normalised coordinates along an axis of `size` pixels: a third inside the image, the
+    """n normalised coordinates along an axis of `size` pixels: a quarter inside the image, the
     rest 1 to 5 whole reflection spans beyond either edge, each at a fraction in [0.1, 0.9] of
     its span (away from the folds). Points an even number of spans away (2, 4) fold back with
     the sign kept, odd ones with it flipped: a parity error shows in values and gradients."""
