@@ -285,6 +285,17 @@ def test_leftovers_of_a_failed_restore_are_dropped_and_the_rest_passes(monkeypat
     report(RuntimeError("something else"))
     assert [str(u.exc_value) for u in seen] == ["Event loop is closed", "something else"]
     assert seen[0].exc_value is other
+    asyncio_filters = [f for f in logging.getLogger("asyncio").filters
+                       if isinstance(f, checkpoint._UnretrievedReadFilter)]
+    assert len(asyncio_filters) == 1
+
+    def record(message):
+        return logging.LogRecord("asyncio", logging.ERROR, "x.py", 1, message, None, None)
+
+    assert not asyncio_filters[0].filter(record(
+        "Future exception was never retrieved\nfuture: <Future finished exception=ValueError("
+        "'OUT_OF_RANGE: Error reading \"params.l6/0.0\" in OCDBT database at local file')>"))
+    assert asyncio_filters[0].filter(record("Future exception was never retrieved: other"))
 
 
 _CONSOLE_SCRIPT = r"""

@@ -57,15 +57,28 @@ def _orbax_quiet(level: int = logging.WARNING) -> Iterator[None]:
         asyncio_logger.setLevel(asyncio_level)
 
 
+class _UnretrievedReadFilter(py_logging.Filter):
+    """Drops asyncio's "exception was never retrieved" records of failed checkpoint reads."""
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("never retrieved" in message
+                    and ("OCDBT" in message or "TensorStore" in message))
+
+
 def _drop_orbax_leftovers() -> None:
     """Installs (once) an unraisable-exception hook that drops what a failed restore leaves.
 
     When one read of a restore fails, orbax closes its event loop while tensorstore's other reads
     are still in flight; as they finish, each reports "RuntimeError: Event loop is closed" or an
-    abandoned orbax coroutine through `sys.unraisablehook`, at any later time (hundreds of lines
-    of tracebacks). The failure itself is named in `restore_latest`'s warning line. Everything
-    else goes to the previous hook.
+    abandoned orbax coroutine through `sys.unraisablehook`, or asyncio logs "Future exception was
+    never retrieved" with tensorstore's error, at any later time (hundreds of lines of
+    tracebacks). The failure itself is named in `restore_latest`'s warning line. Everything else
+    goes to the previous hook and is logged as before.
     """
+    asyncio_logger = py_logging.getLogger("asyncio")
+    if not any(isinstance(f, _UnretrievedReadFilter) for f in asyncio_logger.filters):
+        asyncio_logger.addFilter(_UnretrievedReadFilter())
     if getattr(sys.unraisablehook, "stn_jax_orbax_filter", False):
         return
     previous = sys.unraisablehook
@@ -104,6 +117,8 @@ def _host_array(x: Any) -> np.ndarray:
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             x = jax.random.key_data(x)
         if not x.is_fully_addressable:
+            if x.sharding.is_fully_replicated:  # Every process holds all of it already.
+                return np.asarray(x.addressable_shards[0].data)
             # Collective: every process hashes the same global array.
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
