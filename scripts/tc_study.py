@@ -256,14 +256,18 @@ def main(argv=None) -> dict:
         done = step + 1
         if is_st and (done % args.stats_every == 0 or done == args.steps):
             theta_curve.append({"step": done, **stats(params)})
+            print(f"step {done}: {time.time() - t_train:.0f} s, theta "
+                  + ", ".join(f"{k} {v:.3g}" for k, v in theta_curve[-1].items() if k != "step"),
+                  flush=True)
+        elif done % args.stats_every == 0:
+            print(f"step {done}: {time.time() - t_train:.0f} s", flush=True)
         if done % args.eval_every == 0 or done == args.steps:
             err = error_pct(params)
             loss_mean = float(np.mean(jax.device_get(losses[-args.eval_every:])))
             curve.append({"step": done, "error_pct": err, "train_loss": loss_mean,
                           "elapsed_s": time.time() - t_train})
             print(f"step {done}: {args.eval} error {err:.2f}%, train loss {loss_mean:.4f}, "
-                  f"{time.time() - t_train:.0f} s"
-                  + (f", theta {theta_curve[-1]}" if is_st else ""), flush=True)
+                  f"{time.time() - t_train:.0f} s", flush=True)
             if is_st:
                 picture(params, done, err)
     result = {
