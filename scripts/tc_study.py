@@ -1,4 +1,4 @@
-r"""Issue 18 study: CNN vs ST-CNN on distorted MNIST (TC, RTS), chosen on a validation split.
+r"""TC study: CNN vs ST-CNN on distorted MNIST (TC, RTS), chosen on a validation split.
 
 Builds the data, the model, the optimiser and the train step itself (only the generators,
 `stn_jax.data.distortions`, the bundled digits, `stn_jax.data.mnist`, and the Table-1 models,
