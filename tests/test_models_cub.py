@@ -56,10 +56,11 @@ def test_shapes_widths_and_parameter_counts():
     m2s = cub_models.CubModel(backbone="squeezenet1_1", num_classes=7, num_st=2, image_size=64,
                               crop_size=32, learn_scale=True, rngs=nnx.Rngs(0))
     squeeze = 722_496
-    assert count_params(m0) == squeeze + 512 * 7 + 7
-    # loc: backbone + 1x1 conv 512->128 + FC (3*3*128)->128 + FC 128->4; parts: 2 backbones.
-    loc = squeeze + 512 * 128 + 128 + 3 * 3 * 128 * 128 + 128 + 128 * 4 + 4
-    assert count_params(m2) == loc + 2 * squeeze + 1024 * 7 + 7
+    assert count_params(m0) == squeeze + 2 * 512 + 512 * 7 + 7  # feature BN, classifier
+    # loc: backbone + 1x1 conv 512->128 + BN + FC (3*3*128)->128 + BN + FC 128->4; parts: 2
+    # backbones; feature BN; classifier.
+    loc = squeeze + 512 * 128 + 128 + 256 + 3 * 3 * 128 * 128 + 128 + 256 + 128 * 4 + 4
+    assert count_params(m2) == loc + 2 * squeeze + 2 * 1024 + 1024 * 7 + 7
     assert count_params(m2s) == count_params(m2) + 128 * 2 + 2
     assert len(m2.backbones()) == 3 and m0.transformer_views(_images(1, 64)) == []
     for m in (m0, m2, m2s):

@@ -61,18 +61,28 @@ def tiling_centres(num: int) -> np.ndarray:
 
 
 class LocalisationNet(nnx.Module):
-    """Backbone features (no last pool) -> 1x1 conv 128 -> ReLU -> FC 128 -> ReLU [S]."""
+    """Backbone features (no last pool) -> 1x1 conv 128 -> ReLU -> FC 128 -> ReLU [S].
+
+    With `batch_norm`, batch norm before each ReLU [?]: the regression then sees unit-scale
+    features whatever the backbone's scale (SqueezeNet's fire9 is not normalised, and with
+    its raw features even a 1e-4 learning rate threw the crops off the image in one step).
+    """
 
     def __init__(self, backbone: nnx.Module, *, feature_shape: Sequence[int],
-                 channels: int = LOC_CHANNELS, hidden: int = LOC_HIDDEN, rngs: nnx.Rngs):
+                 channels: int = LOC_CHANNELS, hidden: int = LOC_HIDDEN,
+                 batch_norm: bool = True, rngs: nnx.Rngs):
         h, w, c = feature_shape
         self.backbone = backbone
         self.conv = nnx.Conv(c, channels, (1, 1), rngs=rngs)
         self.fc = nnx.Linear(h * w * channels, hidden, rngs=rngs)
+        self.conv_bn = nnx.BatchNorm(channels, momentum=0.9, rngs=rngs) if batch_norm else None
+        self.fc_bn = nnx.BatchNorm(hidden, momentum=0.9, rngs=rngs) if batch_norm else None
 
     def __call__(self, images: jax.Array) -> jax.Array:
-        x = jax.nn.relu(self.conv(self.backbone.features(images)))
-        return jax.nn.relu(self.fc(x.reshape(x.shape[0], -1)))
+        x = self.conv(self.backbone.features(images))
+        x = jax.nn.relu(x if self.conv_bn is None else self.conv_bn(x))
+        x = self.fc(x.reshape(x.shape[0], -1))
+        return jax.nn.relu(x if self.fc_bn is None else self.fc_bn(x))
 
 
 class ParallelAttention(SpatialTransformer):
@@ -166,6 +176,9 @@ class CubModel(nnx.Module):
         crop_size: side of each transformer's crop, 224 [P].
         scale, learn_scale: see `ParallelAttention`.
         dropout: rate before the classifier, 0.7 [S].
+        batch_norm: batch norm in the localisation head and on the concatenated features
+            before dropout [?] (see `LocalisationNet`; the same scale argument holds for the
+            classifier: SqueezeNet's pooled features are in the tens).
         seed: seeds the host-drawn initial backbone weights (replaced by pretrained ones).
         rngs: initialisation of the localisation head and the classifier.
 
@@ -178,7 +191,8 @@ class CubModel(nnx.Module):
 
     def __init__(self, *, backbone: str, num_classes: int, num_st: int, image_size: int,
                  crop_size: int = 224, scale: float = 0.5, learn_scale: bool = False,
-                 dropout: float = 0.7, seed: int = 0, rngs: nnx.Rngs):
+                 dropout: float = 0.7, batch_norm: bool = True, seed: int = 0,
+                 rngs: nnx.Rngs):
         if backbone not in backbones_lib.BACKBONES:
             raise ValueError(f"backbone must be one of {backbones_lib.BACKBONES}, got {backbone!r}")
         if not isinstance(num_st, int) or num_st < 0:
@@ -200,11 +214,14 @@ class CubModel(nnx.Module):
             feature_shape = jax.eval_shape(
                 lambda x: first.features(x),
                 jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)).shape[1:]
-            loc = LocalisationNet(first, feature_shape=feature_shape, rngs=rngs)
+            loc = LocalisationNet(first, feature_shape=feature_shape, batch_norm=batch_norm,
+                                  rngs=rngs)
             self.transformer = ParallelAttention(
                 loc, loc_features=LOC_HIDDEN, num_st=num_st, out_shape=(crop_size, crop_size),
                 scale=scale, learn_scale=learn_scale, rngs=rngs)
             self.parts = nnx.List([make(i + 1) for i in range(num_st)])
+        self.feature_bn = (nnx.BatchNorm(width * len(self.parts), momentum=0.9, rngs=rngs)
+                           if batch_norm else None)
         self.dropout = nnx.Dropout(dropout)
         self.classifier = nnx.Linear(width * len(self.parts), num_classes, rngs=rngs)
 
@@ -223,7 +240,9 @@ class CubModel(nnx.Module):
 
     def __call__(self, images: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
         """Logits (B, num_classes) of RGB 0-255 images (B, H, W, 3)."""
-        return self.classifier(self.dropout(self.features(images), rngs=rngs))
+        x = self.features(images)
+        x = x if self.feature_bn is None else self.feature_bn(x)
+        return self.classifier(self.dropout(x, rngs=rngs))
 
     def transformer_views(self, images: jax.Array) -> list[dict]:
         """One dict per transformer: name, output (B, H', W', 3) RGB 0-255 crop, grid
