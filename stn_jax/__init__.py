@@ -23,7 +23,12 @@ from stn_jax.grids import (
     tps_basis,
     tps_grid,
 )
-from stn_jax.sampling import PADDING_MODES, bilinear_sample, nearest_sample
+from stn_jax.sampling import (
+    PADDING_MODES,
+    bilinear_sample,
+    nearest_sample,
+    register_native_kernels,
+)
 
 __version__ = "0.1.0"
 
@@ -50,6 +55,7 @@ __all__ = [
     "linear_grid",
     "nearest_sample",
     "projective_grid",
+    "register_native_kernels",
     "regular_grid",
     "tps_basis",
     "tps_grid",

@@ -1,58 +1,114 @@
 """Fast paths of ``bilinear_sample``: the native CPU kernel and the separable (axis-aligned) warp.
 
-Every path computes exactly what the pure-JAX reference in :mod:`stn_jax.sampling` computes
+Every path computes exactly what the pure-JAX reference in :mod:`stn_jax._reference` computes
 (``method="gather"``: one gather of the 4 taps, one scatter-add into the image gradient), the
-same values and the same gradients to the image and the grid, in every padding mode and with
+same values and the same derivatives to the image and the grid, in every padding mode and with
 both ``align_corners``; the tests compare them with the reference.
 
 ``method`` of :func:`stn_jax.bilinear_sample`:
 
-* ``"auto"`` (default): ``"native"`` when the image runs on the CPU, the native kernels are
-  available (:func:`stn_jax._native.available`) and image and grid are both float32 or both
-  float64; otherwise ``"gather"``. The platform is chosen when the function is lowered
-  (``jax.lax.platform_dependent``), so a function jitted for a GPU or TPU takes the gather.
+* ``"auto"`` (default): ``"native"`` when the default backend is the CPU, the native kernels
+  are available (:func:`stn_jax._native.available`) and the operands are floats the kernel
+  takes (float32 or float64 pairs; bf16/f16 run in float32); otherwise ``"gather"``. The
+  platform is chosen when the function is lowered, so a function jitted for another device
+  takes the gather, and so does a function lowered for ``jax.export`` (portable by default).
 * ``"gather"``: the pure-JAX reference.
-* ``"native"``: the C++ kernels through the XLA FFI (CPU only). Forward and backward are each
-  one pass over the output points, parallel over the XLA intra-op thread pool; the image
-  gradient is accumulated per image by one thread, so it is deterministic. Their derivatives
-  (grad of grad, ``jax.hessian``) are those of the reference.
+* ``"native"``: the C++ kernels through the XLA FFI (CPU; the gather path on other platforms).
+  Forward and backward are each one pass over the output points, parallel over the XLA
+  intra-op thread pool; the image gradient is accumulated per image by one thread, so it is
+  deterministic. Under batch sharding each device runs the kernel on its own images
+  (``custom_partitioning``). Exported only when asked for (``method="native"``), and then the
+  loading process calls :func:`stn_jax.register_native_kernels`.
 * ``"separable"``: for axis-aligned grids (every row of the grid has the same x, every column
   the same y; the attention transform of eq. (2), or an affine map without rotation or shear)
   the warp is two batched matrix products with tent-weight matrices, without gather or scatter,
   the form that suits TPUs. A grid that is not separable (checked at run time) takes the gather
   path, so the result is always right. Needs a grid of shape (B, H', W', 2).
 
-This module depends on jax and numpy only.
+How the native kernel composes with JAX: one primitive, ``stn_jax_native_bilinear``, with three
+kinds. "forward" samples; its JVP is the "tangent" kind, linear in the tangents of image and
+grid (the kernel's forward on the image tangent plus the reference's grid term); the transpose
+of "tangent" is "backward", the kernel's hand-written VJP, and the transpose of "backward" is
+"tangent". So reverse mode runs the native backward as before, forward mode the native forward,
+and the derivatives of "tangent" and "backward" with respect to image and grid (grad of grad,
+hessians) are those of the reference. vmap folds the mapped axis into the batch.
+
+This module depends on jax, numpy and absl-py (one log line naming the chosen path).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+from jax.sharding import NamedSharding, PartitionSpec
 
-from stn_jax import _native
+from stn_jax import _native, _reference
 
-__all__ = ["METHODS", "bilinear", "bilinear_jit", "native_supported", "resolve_method"]
+__all__ = ["METHODS", "bilinear", "bilinear_jit", "native_dtype", "resolve_method"]
 
 METHODS = ("auto", "gather", "native", "separable")
 
 _PADDING_CODES = {"zeros": 0, "border": 1, "reflection": 2}
 _HIGHEST = jax.lax.Precision.HIGHEST
+_LOW_PRECISION = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
-def native_supported(image: jax.Array, grid: jax.Array) -> bool:
-    """Whether the native kernel takes these operands (same dtype, float32 or float64)."""
-    return image.dtype == grid.dtype and image.dtype in (jnp.float32, jnp.float64)
+def native_dtype(image: jax.Array, grid: jax.Array):
+    """The dtype the native kernel runs these operands in, or None if it does not take them.
+
+    float64 image and grid run in float64; any mix of float32, bf16 and f16 runs in float32
+    (float32 coordinates and accumulation, as in the gather path).
+    """
+    if image.dtype == grid.dtype == jnp.float64:
+        return jnp.dtype(jnp.float64)
+    if image.dtype in _LOW_PRECISION and grid.dtype in _LOW_PRECISION:
+        return jnp.dtype(jnp.float32)
+    return None
+
+
+_logged: set = set()
+
+
+def _log_once(key, message, *args):
+    if key not in _logged:
+        _logged.add(key)
+        logging.info(message, *args)
+
+
+def _auto_choice(image, grid) -> str:
+    """Resolves "auto"; logs, once per reason, which path runs and why."""
+    backend = jax.default_backend()
+    if backend != "cpu":
+        _log_once("accelerator", "stn_jax bilinear_sample: gather path (the default backend is "
+                  "%s; the native kernel is CPU-only)", backend)
+        return "gather"
+    if native_dtype(image, grid) is None:
+        _log_once(("dtype", image.dtype, grid.dtype), "stn_jax bilinear_sample: gather path for "
+                  "image %s and grid %s (the native kernel takes float32 or float64 pairs, and "
+                  "bf16/f16)", image.dtype, grid.dtype)
+        return "gather"
+    if not _native.available():
+        _log_once("unavailable", "stn_jax bilinear_sample: gather path, the native kernel is "
+                  "unavailable: %s", _native.error())
+        return "gather"
+    _log_once("native", "stn_jax bilinear_sample: native CPU kernel (%s)", _native.library())
+    return "auto-native"
 
 
 def resolve_method(method: str, image: jax.Array, grid: jax.Array) -> str:
     """Checks ``method`` and resolves it for these operands.
 
     Returns:
-      "gather", "separable", "native", or "auto-native" (native on CPU, gather elsewhere).
+      "gather", "separable", "native", or "auto-native" (native on CPU, gather elsewhere and
+      when exported).
 
     Raises:
       ValueError: an unknown method, or "native" for operands it does not take.
@@ -61,10 +117,10 @@ def resolve_method(method: str, image: jax.Array, grid: jax.Array) -> str:
     if method not in METHODS:
         raise ValueError(f"bilinear_sample: method must be one of {METHODS}, got {method!r}")
     if method == "native":
-        if not native_supported(image, grid):
+        if native_dtype(image, grid) is None:
             raise ValueError(
-                "bilinear_sample: method='native' needs image and grid of the same dtype, "
-                f"float32 or float64; got image {image.dtype}, grid {grid.dtype}"
+                "bilinear_sample: method='native' needs float32 or float64 image and grid (or "
+                f"bf16/f16, run in float32); got image {image.dtype}, grid {grid.dtype}"
             )
         if not _native.available():
             raise RuntimeError(
@@ -77,7 +133,7 @@ def resolve_method(method: str, image: jax.Array, grid: jax.Array) -> str:
             f"got {grid.shape}"
         )
     if method == "auto":
-        return "auto-native" if native_supported(image, grid) and _native.available() else "gather"
+        return _auto_choice(image, grid)
     return method
 
 
@@ -85,26 +141,22 @@ def bilinear(image, grid, padding_mode: str, align_corners: bool, method: str, r
     """Samples with a resolved method (not "gather"); image (B, H, W, C), grid (B, *S, 2).
 
     ``reference(image, flat_grid, padding_mode, align_corners)`` is the gather path on a
-    (B, N, 2) grid, the fallback.
+    (B, N, 2) grid, the fallback of "separable".
     """
-    b, c = image.shape[0], image.shape[-1]
-    out_shape = grid.shape[:-1] + (c,)
-
-    def gather(i, g):
-        return reference(i, g.reshape(b, -1, 2), padding_mode, align_corners).reshape(out_shape)
-
-    # The native kernel takes the grid as it is: a reshape around an FFI call can cost XLA a
-    # layout-changing copy of the output as long as the sampling itself.
-    if method == "native":
-        return _native_bilinear(image, grid, padding_mode, align_corners)
-    if method == "auto-native":
-        return jax.lax.platform_dependent(
-            image,
-            grid,
-            cpu=lambda i, g: _native_bilinear(i, g, padding_mode, align_corners),
-            default=gather,
-        )
+    if method in ("native", "auto-native"):
+        dtype = native_dtype(image, grid)
+        out = _bind(image.astype(dtype), grid.astype(dtype), kind="forward",
+                             padding_mode=padding_mode, align_corners=align_corners,
+                             portable_export=method == "auto-native")[0]
+        return out.astype(image.dtype)
     if method == "separable":
+        b, c = image.shape[0], image.shape[-1]
+        out_shape = grid.shape[:-1] + (c,)
+
+        def gather(i, g):
+            flat = g.reshape(b, math.prod(g.shape[1:-1]), 2)
+            return reference(i, flat, padding_mode, align_corners).reshape(out_shape)
+
         return jax.lax.cond(
             _is_separable(grid),
             lambda i, g: _separable(i, g, padding_mode, align_corners),
@@ -125,6 +177,22 @@ bilinear_jit = jax.jit(bilinear, static_argnums=(2, 3, 4, 5))
 # ---------------------------------------------------------------------------------------------
 
 
+def _varying(x) -> frozenset:
+    """The shard_map axes x varies over (its type's "vma"; where it lives moved across jax
+    versions)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "mat", None)
+    return frozenset(getattr(mat, "varying", None) or getattr(aval, "vma", None) or ())
+
+
+def _varying_like(out, *inputs):
+    """Marks out as varying over the shard_map axes its inputs vary over (the FFI result types
+    carry none, and a custom rule's outputs must match its inputs' types)."""
+    vma = frozenset().union(*map(_varying, inputs))
+    missing = tuple(sorted(vma - _varying(out)))
+    return jax.lax.pcast(out, missing, to="varying") if missing else out
+
+
 def _ffi_forward(image, grid, padding_mode, align_corners):
     """image (B, H, W, C), grid (B, *S, 2) -> (B, *S, C)."""
     call = jax.ffi.ffi_call(
@@ -133,8 +201,9 @@ def _ffi_forward(image, grid, padding_mode, align_corners):
         # The kernel treats every leading dimension as batch, so vmap only adds one.
         vmap_method="broadcast_all",
     )
-    return call(image, grid, padding=np.int32(_PADDING_CODES[padding_mode]),
-                align_corners=bool(align_corners))
+    out = call(image, grid, padding=np.int32(_PADDING_CODES[padding_mode]),
+               align_corners=bool(align_corners))
+    return _varying_like(out, image, grid)
 
 
 def _ffi_backward(image, grid, cotangent, padding_mode, align_corners):
@@ -143,78 +212,226 @@ def _ffi_backward(image, grid, cotangent, padding_mode, align_corners):
         (jax.ShapeDtypeStruct(image.shape, image.dtype), jax.ShapeDtypeStruct(grid.shape, grid.dtype)),
         vmap_method="broadcast_all",
     )
-    return call(image, grid, cotangent, padding=np.int32(_PADDING_CODES[padding_mode]),
-                align_corners=bool(align_corners))
+    d_image, d_grid = call(image, grid, cotangent, padding=np.int32(_PADDING_CODES[padding_mode]),
+                           align_corners=bool(align_corners))
+    return (_varying_like(d_image, image, grid, cotangent),
+            _varying_like(d_grid, image, grid, cotangent))
 
 
-# The FFI calls have no derivatives of their own: custom_jvp rules borrow the reference's, so
-# grad of grad and forward-over-reverse (jax.hessian) give what the gather path gives.
+@functools.lru_cache(maxsize=None)
+def _partitioned(kind, grid_rank, padding_mode, align_corners):
+    """The FFI call of `kind` ("forward" or "backward") split over the batch of a sharded
+    program: each device runs the kernel on its own images, nothing is gathered.
+
+    Every other dimension is replicated (the image gradient sums over all points of an image,
+    the grid gradient over its channels).
+    """
+    points = " ".join(f"s{i}" for i in range(grid_rank - 2))
+    image, grid, out = "b h w c", f"b {points} k", f"b {points} c"
+    if kind == "forward":
+        def fn(image, grid):
+            return _ffi_forward(image, grid, padding_mode, align_corners)
+
+        rule = f"{image}, {grid} -> {out}"
+        n_in, n_out = 2, 1
+    else:
+        def fn(image, grid, cotangent):
+            return _ffi_backward(image, grid, cotangent, padding_mode, align_corners)
+
+        rule = f"{image}, {grid}, {out} -> {image}, {grid}"
+        n_in, n_out = 3, 2
+
+    def shardings(mesh, arg_shapes):
+        spec = arg_shapes[1].sharding.spec  # the grid's batch axis decides
+        batch = NamedSharding(mesh, PartitionSpec(spec[0] if len(spec) else None))
+        return batch, (batch,) * n_in, batch if n_out == 1 else (batch,) * n_out
+
+    def partition(mesh, arg_shapes, result_shape):
+        del result_shape
+        _, args, outs = shardings(mesh, arg_shapes)
+        return mesh, fn, outs, args
+
+    def infer(mesh, arg_shapes, result_shape):
+        del result_shape
+        return shardings(mesh, arg_shapes)[2]
+
+    wrapped = custom_partitioning(fn)
+    wrapped.def_partition(
+        partition=partition, infer_sharding_from_operands=infer, sharding_rule=rule,
+        # In order of first appearance, as the verifier wants them.
+        need_replication_factors=tuple(
+            f for f in dict.fromkeys(rule.replace(",", " ").replace("->", " ").split())
+            if f != "b"),
+    )
+    return wrapped
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
-def _native_forward(image, grid, padding_mode, align_corners):
-    return _ffi_forward(image, grid, padding_mode, align_corners)
+def _native_impl(*args, kind, padding_mode, align_corners, split):
+    """What the primitive computes on CPU: the kernels, split over the batch if `split`."""
+    image, grid = args[:2]
+    if split:
+        forward = _partitioned("forward", grid.ndim, padding_mode, align_corners)
+        backward = _partitioned("backward", grid.ndim, padding_mode, align_corners)
+    else:
+        def forward(image, grid):
+            return _ffi_forward(image, grid, padding_mode, align_corners)
+
+        def backward(image, grid, cotangent):
+            return _ffi_backward(image, grid, cotangent, padding_mode, align_corners)
+    if kind == "forward":
+        return (forward(image, grid),)
+    if kind == "backward":
+        return tuple(backward(*args))
+    t_image, t_grid = args[2:]
+    # The image term on the kernel; the grid term (forward mode only) from the reference.
+    grid_term = _reference_tangent(image, grid, None, t_grid, padding_mode, align_corners)
+    return (forward(t_image, grid) + grid_term,)
 
 
-def _reference_forward(image, grid, padding_mode, align_corners):
-    """The gather path's forward on a (B, *S, 2) grid."""
-    from stn_jax import sampling
-
+def _reference_tangent(image, grid, t_image, t_grid, padding_mode, align_corners):
+    """The gather path's tangent on a (B, *S, 2) grid (t_image may be None)."""
     b, c = image.shape[0], image.shape[-1]
-    out = sampling._bilinear_forward(image, grid.reshape(b, -1, 2), padding_mode, align_corners)
-    return out.reshape(grid.shape[:-1] + (c,))
+    n = math.prod(grid.shape[1:-1])
+    _, t_out = _reference.bilinear_with_tangent(
+        image, grid.reshape(b, n, 2), t_image, t_grid.reshape(b, n, 2), padding_mode,
+        align_corners)
+    return t_out.reshape(grid.shape[:-1] + (c,))
 
 
 def _reference_backward(image, grid, cotangent, padding_mode, align_corners):
-    """The gather path's hand-written VJP on a (B, *S, 2) grid."""
-    from stn_jax import sampling
-
-    b, c = image.shape[0], image.shape[-1]
-    residuals = (image, grid.reshape(b, -1, 2))
-    d_image, d_grid = sampling._bilinear_bwd(
-        padding_mode, align_corners, residuals, cotangent.reshape(b, -1, c)
-    )
-    return d_image, d_grid.reshape(grid.shape)
+    """The gather path's VJP on a (B, *S, 2) grid: the transpose of its tangent."""
+    transpose = jax.linear_transpose(
+        lambda ti, tg: _reference_tangent(image, grid, ti, tg, padding_mode, align_corners),
+        image, grid)
+    return transpose(cotangent)
 
 
-@_native_forward.defjvp
-def _native_forward_jvp(padding_mode, align_corners, primals, tangents):
-    _, tangent_out = jax.jvp(
-        lambda i, g: _reference_forward(i, g, padding_mode, align_corners), primals, tangents
-    )
-    return _native_forward(*primals, padding_mode, align_corners), tangent_out
+def _reference_impl(*args, kind, padding_mode, align_corners):
+    """What the primitive computes elsewhere and when exported portably: the gather path."""
+    image, grid = args[:2]
+    if kind == "forward":
+        b, c = image.shape[0], image.shape[-1]
+        n = math.prod(grid.shape[1:-1])
+        out = _reference.bilinear(image, grid.reshape(b, n, 2), padding_mode, align_corners)
+        return (out.reshape(grid.shape[:-1] + (c,)),)
+    if kind == "backward":
+        return tuple(_reference_backward(*args, padding_mode, align_corners))
+    return (_reference_tangent(*args, padding_mode, align_corners),)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
-def _native_backward(image, grid, cotangent, padding_mode, align_corners):
-    return _ffi_backward(image, grid, cotangent, padding_mode, align_corners)
+_native_p = Primitive("stn_jax_native_bilinear")
+_native_p.multiple_results = True
 
 
-@_native_backward.defjvp
-def _native_backward_jvp(padding_mode, align_corners, primals, tangents):
-    _, tangent_out = jax.jvp(
-        lambda i, g, ct: _reference_backward(i, g, ct, padding_mode, align_corners),
-        primals,
-        tangents,
-    )
-    return _native_backward(*primals, padding_mode, align_corners), tangent_out
+def _abstract_eval(*avals, kind, **_):
+    # _bind gives every operand the same varying shard_map axes, so the outputs copy them.
+    image, grid = avals[:2]
+    if kind == "backward":
+        return image, grid
+    spec = tuple(grid.sharding.spec) + (None,) * (grid.ndim - len(grid.sharding.spec))
+    # The output is laid out like the grid's points: sharded as they are, channels whole.
+    sharding = grid.sharding.update(spec=spec[:-1] + (None,))
+    shape = grid.shape[:-1] + image.shape[-1:]
+    return (grid.update(shape=shape, dtype=image.dtype, sharding=sharding),)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _native_bilinear(image, grid, padding_mode, align_corners):
-    return _native_forward(image, grid, padding_mode, align_corners)
+@functools.lru_cache(maxsize=None)
+def _eager(**params):
+    return jax.jit(functools.partial(_native_p.bind, **params))
 
 
-def _native_bilinear_fwd(image, grid, padding_mode, align_corners):
-    return _native_forward(image, grid, padding_mode, align_corners), (image, grid)
+_native_p.def_abstract_eval(_abstract_eval)
+_native_p.def_impl(lambda *args, **params: _eager(**params)(*args))
 
 
-def _native_bilinear_bwd(padding_mode, align_corners, residuals, cotangent):
-    image, grid = residuals
-    return _native_backward(image, grid, cotangent.astype(image.dtype), padding_mode, align_corners)
+def _spans_devices(ctx) -> bool:
+    """Whether this lowering is of a program partitioned over several devices (not inside a
+    shard_map over all its axes, where each device already holds only its shard)."""
+    axis_context = ctx.module_context.axis_context
+    devices = getattr(axis_context, "device_assignment", None)
+    if devices is not None:
+        return len(devices) > 1
+    mesh = getattr(axis_context, "mesh", None)
+    manual = set(getattr(axis_context, "manual_axes", ()))
+    return mesh is not None and mesh.size > 1 and manual != set(mesh.axis_names)
 
 
-_native_bilinear.defvjp(_native_bilinear_fwd, _native_bilinear_bwd)
+def _lowering(ctx, *args, kind, padding_mode, align_corners, portable_export, platform):
+    exporting = ctx.module_context.lowering_parameters.for_export
+    params = dict(kind=kind, padding_mode=padding_mode, align_corners=align_corners)
+    if platform == "cpu" and not (portable_export and exporting):
+        fn = functools.partial(_native_impl, split=_spans_devices(ctx), **params)
+    else:
+        fn = functools.partial(_reference_impl, **params)
+    return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
+
+
+try:
+    # The lowering on several devices wraps the kernels in custom_partitioning, which needs to
+    # know the devices; jit provides them to primitives listed here.
+    from jax._src import dispatch as _dispatch
+
+    _dispatch.prim_requires_devices_during_lowering.add(_native_p)
+except (ImportError, AttributeError):  # pragma: no cover - a jax without this registry
+    pass
+mlir.register_lowering(_native_p, functools.partial(_lowering, platform=None))
+mlir.register_lowering(_native_p, functools.partial(_lowering, platform="cpu"), platform="cpu")
+
+
+def _bind(*args, **params):
+    # Inside shard_map, operands that vary over different axes are first made to vary alike.
+    args = [_varying_like(a, *args) for a in args]
+    return _native_p.bind(*args, **params)
+
+
+def _jvp(primals, tangents, *, kind, **params):
+    outs = _bind(*primals, kind=kind, **params)
+    zero = [type(t) is ad.Zero for t in tangents]
+    tangents = [ad.instantiate_zeros(t) for t in tangents]
+    if kind == "forward":
+        return outs, _bind(*primals, *tangents, kind="tangent", **params)
+    # "tangent" and "backward" are linear in their last operands: that part is the primitive
+    # itself; the part from image and grid (second order) is the reference's.
+    image, grid, *linear = primals
+    t_outs = list(_bind(image, grid, *tangents[2:], kind=kind, **params))
+    if not (zero[0] and zero[1]):
+        ref = _reference_tangent if kind == "tangent" else _reference_backward
+        pm, ac = params["padding_mode"], params["align_corners"]
+        _, extra = jax.jvp(lambda i, g: ref(i, g, *linear, pm, ac), (image, grid),
+                           tuple(tangents[:2]))
+        extra = extra if kind == "backward" else (extra,)
+        t_outs = [t + e for t, e in zip(t_outs, extra)]
+    return outs, t_outs
+
+
+def _transpose(cts, *args, kind, **params):
+    image, grid, *linear = args
+    if kind == "tangent":
+        (ct,) = cts
+        if type(ct) is ad.Zero:
+            return [None] * len(args)
+        d_image, d_grid = _bind(image, grid, ct, kind="backward", **params)
+        return [None, None,
+                d_image if ad.is_undefined_primal(linear[0]) else None,
+                d_grid if ad.is_undefined_primal(linear[1]) else None]
+    if kind == "backward":
+        cts = [ad.instantiate_zeros(ct) for ct in cts]
+        return [None, None, _bind(image, grid, *cts, kind="tangent", **params)[0]]
+    raise ValueError("the sampler is not linear in its operands")
+
+
+def _batch(args, dims, *, kind, **params):
+    # Every image is sampled on its own, so a mapped axis folds into the batch.
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    args = [batching.bdim_at_front(a, d, size) for a, d in zip(args, dims)]
+    batch = args[0].shape[1]
+    outs = _bind(*[a.reshape((size * batch,) + a.shape[2:]) for a in args], kind=kind, **params)
+    return [o.reshape((size, batch) + o.shape[1:]) for o in outs], [0] * len(outs)
+
+
+ad.primitive_jvps[_native_p] = _jvp
+ad.primitive_transposes[_native_p] = _transpose
+batching.primitive_batchers[_native_p] = _batch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,14 +459,13 @@ def _axis_weights(g, size, padding_mode, align_corners, acc_dtype):
       deriv (B, S): d(pixel coordinate) / d g (0 where g is not finite or clamped);
       finite (B, S).
     """
-    from stn_jax import sampling
-
     coord_dtype = jnp.promote_types(g.dtype, jnp.float32)
     g = g.astype(coord_dtype)
     finite = jnp.isfinite(g)
     g = jnp.where(finite, g, 0.0)
-    g, dclamp = sampling._clamp(g, -sampling._MAX_ABS_GRID, sampling._MAX_ABS_GRID, jnp.ones_like(g))
-    x, deriv = sampling._source_coord(g, size, padding_mode, align_corners)
+    g, dclamp = _reference._clamp(g, -_reference._MAX_ABS_GRID, _reference._MAX_ABS_GRID,
+                                  jnp.ones_like(g))
+    x, deriv = _reference._source_coord(g, size, padding_mode, align_corners)
     deriv = jnp.where(finite, deriv * dclamp, 0.0)
     x0 = jnp.floor(x)
     w1 = x - x0
@@ -289,30 +505,37 @@ def _separable_forward(image, grid, padding_mode, align_corners):
     return _warp(ky, kx, image.astype(acc_dtype)).astype(image.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def _separable(image, grid, padding_mode, align_corners):
     return _separable_forward(image, grid, padding_mode, align_corners)
 
 
-def _separable_fwd(image, grid, padding_mode, align_corners):
-    return _separable_forward(image, grid, padding_mode, align_corners), (image, grid)
+def _separable_exact(image, grid, padding_mode, align_corners):
+    """The separable warp written so that autodiff gives every derivative per grid point.
 
-
-def _separable_bwd(padding_mode, align_corners, residuals, cotangent):
-    image, grid = residuals
+    The tent matrices come from the grid's first row and column, so differentiating them
+    would credit every point's derivative to those. Instead they are built from the grid with
+    its gradient stopped, and each point's offset from it (zero, with a derivative of one)
+    enters through the exact expansion of a bilinear patch: out(x + dx, y + dy) = out
+    + Dx dx + Dy dy + Dxy dx dy, whose coefficients are warps with the derivative matrices.
+    The value is the plain warp; first derivatives are eqs. (6)-(7); second ones are right too.
+    """
+    fixed = jax.lax.stop_gradient(grid)
     acc_dtype, (kx, dkx, derx), (ky, dky, dery) = _separable_parts(
-        image, grid, padding_mode, align_corners
+        image, fixed, padding_mode, align_corners
     )
     img = image.astype(acc_dtype)
-    g = cotangent.astype(acc_dtype)  # (B, H', W', C)
-    # Eq. (6): the transpose of the warp.
-    d_image = _warp(jnp.swapaxes(ky, 1, 2), jnp.swapaxes(kx, 1, 2), g).astype(image.dtype)
-    # Eq. (7): d out / d x at (i, j) = sum_{h,w} ky[i,h] dkx[j,w] image[h,w]; likewise for y.
-    d_out_dx = _warp(ky, dkx, img)
-    d_out_dy = _warp(dky, kx, img)
-    gx = jnp.sum(g * d_out_dx, axis=-1) * derx[:, None, :]
-    gy = jnp.sum(g * d_out_dy, axis=-1) * dery[:, :, None]
-    return d_image, jnp.stack([gx, gy], axis=-1).astype(grid.dtype)
+    offset = (grid - fixed).astype(acc_dtype)
+    dx = (offset[..., 0] * derx[:, None, :])[..., None]
+    dy = (offset[..., 1] * dery[:, :, None])[..., None]
+    out = (_warp(ky, kx, img) + _warp(ky, dkx, img) * dx + _warp(dky, kx, img) * dy
+           + _warp(dky, dkx, img) * (dx * dy))
+    return out.astype(image.dtype)
 
 
-_separable.defvjp(_separable_fwd, _separable_bwd)
+def _separable_jvp(padding_mode, align_corners, primals, tangents):
+    return jax.jvp(lambda i, g: _separable_exact(i, g, padding_mode, align_corners), primals,
+                   tangents)
+
+
+_separable.defjvp(_separable_jvp)

@@ -23,6 +23,7 @@ from stn_jax.grids import (
     projective_grid,
     tps_grid,
 )
+from stn_jax._fast_paths import METHODS
 from stn_jax.sampling import PADDING_MODES, bilinear_sample, nearest_sample
 
 SAMPLERS = ("bilinear", "nearest")
@@ -54,6 +55,8 @@ class SpatialTransformer(nnx.Module):
         padding_mode: "zeros" | "border" | "reflection", passed to the sampler.
         align_corners: coordinate convention of grid and sampler (torch `grid_sample` semantics).
         sampler: "bilinear" | "nearest".
+        method: how the bilinear sampler computes (`stn_jax.bilinear_sample`'s `method`):
+            "auto" (default), "gather", "native" or "separable". Only for sampler="bilinear".
         control_points: (K, 2) TPS control points in the output grid, normalised (x, y); only for
             kind="tps" (default: the regular 4x4 grid of `stn_jax.default_control_points`).
         learn_control_points: kind="tps" only. False (default): the control points are fixed
@@ -82,6 +85,7 @@ class SpatialTransformer(nnx.Module):
         padding_mode: str = "zeros",
         align_corners: bool = False,
         sampler: str = "bilinear",
+        method: str = "auto",
         control_points=None,
         learn_control_points: bool = False,
         rngs: nnx.Rngs,
@@ -90,6 +94,10 @@ class SpatialTransformer(nnx.Module):
         identity = identity_params(kind, control_points=control_points)
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if method != "auto" and sampler != "bilinear":
+            raise ValueError(f"method={method!r} needs sampler='bilinear', got {sampler!r}")
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
         if not isinstance(loc_features, int) or loc_features <= 0:
@@ -104,6 +112,7 @@ class SpatialTransformer(nnx.Module):
         self.padding_mode = padding_mode
         self.align_corners = align_corners
         self.sampler = sampler
+        self.method = method
         # A nested tuple is static and hashable, so it lives in the graphdef, not the state: the
         # control points are fixed, never trained. (For tps the identity is the control points.)
         self.control_points = None if control_points is None else tuple(
@@ -160,8 +169,10 @@ class SpatialTransformer(nnx.Module):
 
     def sample(self, x: jax.Array, grid: jax.Array) -> jax.Array:
         """Samples x (B, H, W, C) at grid (B, H', W', 2) with this module's sampler options."""
-        fn = bilinear_sample if self.sampler == "bilinear" else nearest_sample
-        return fn(x, grid, padding_mode=self.padding_mode, align_corners=self.align_corners)
+        kw = dict(padding_mode=self.padding_mode, align_corners=self.align_corners)
+        if self.sampler == "nearest":
+            return nearest_sample(x, grid, **kw)
+        return bilinear_sample(x, grid, method=self.method, **kw)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Transforms x (B, H, W, C); returns (out (B, H', W', C), theta)."""

@@ -312,9 +312,13 @@ def test_auto_choice(monkeypatch):
     bf16 = jnp.zeros((1, 4, 4, 1), jnp.bfloat16), jnp.zeros((1, 2, 2, 2))
     expected = "auto-native" if _native.available() else "gather"
     assert _fast_paths.resolve_method("auto", *f32) == expected
-    assert _fast_paths.resolve_method("auto", *bf16) == "gather"
-    with pytest.raises(ValueError, match="float32 or float64"):
-        _fast_paths.resolve_method("native", *bf16)
+    # bf16/f16 images run the kernel in float32; float64 with float32 takes the gather path.
+    assert _fast_paths.resolve_method("auto", *bf16) == expected
+    with jax.enable_x64(True):
+        mixed = jnp.zeros((1, 4, 4, 1), jnp.float64), jnp.zeros((1, 2, 2, 2), jnp.float32)
+        assert _fast_paths.resolve_method("auto", *mixed) == "gather"
+        with pytest.raises(ValueError, match="float32 or float64"):
+            _fast_paths.resolve_method("native", *mixed)
     # Without the native kernels, auto is the reference and forcing native says why.
     monkeypatch.setattr(_native, "available", lambda: False)
     monkeypatch.setattr(_native, "error", lambda: "no compiler")

@@ -28,7 +28,10 @@ import subprocess
 import tempfile
 import threading
 
-__all__ = ["FORWARD_TARGET", "BACKWARD_TARGET", "available", "build", "error", "load"]
+from absl import logging
+
+__all__ = ["FORWARD_TARGET", "BACKWARD_TARGET", "available", "build", "error", "library",
+           "load"]
 
 FORWARD_TARGET = "stn_jax_bilinear_forward"
 BACKWARD_TARGET = "stn_jax_bilinear_backward"
@@ -45,7 +48,7 @@ _FLAGS = (
 _BUILD_TIMEOUT_S = 600
 
 _lock = threading.Lock()
-_state: dict = {"loaded": False, "error": None}
+_state: dict = {"loaded": False, "error": None, "path": None}
 
 
 def _disabled() -> bool:
@@ -110,6 +113,8 @@ def build(*, force: bool = False) -> pathlib.Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     cmd = _compiler() + list(_FLAGS) + ["-I", jax.ffi.include_dir(), str(_SOURCE), "-o", tmp]
+    logging.info("stn_jax: compiling the native sampler kernels (once per machine, some "
+                 "seconds) into %s", path)
     try:
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
     except (OSError, subprocess.SubprocessError) as err:
@@ -135,7 +140,8 @@ def load() -> bool:
         try:
             import jax
 
-            lib = ctypes.cdll.LoadLibrary(str(build()))
+            path = build()
+            lib = ctypes.cdll.LoadLibrary(str(path))
             jax.ffi.register_ffi_target(FORWARD_TARGET, jax.ffi.pycapsule(lib.StnBilinearForward),
                                         platform="cpu")
             jax.ffi.register_ffi_target(BACKWARD_TARGET,
@@ -144,12 +150,18 @@ def load() -> bool:
             _state["error"] = f"{type(err).__name__}: {err}"
             return False
         _state["loaded"] = True
+        _state["path"] = str(path)
         return True
 
 
 def available() -> bool:
     """True if the native kernels are (or can be) built and registered; builds on first call."""
     return load()
+
+
+def library() -> str | None:
+    """The path of the loaded library, or None."""
+    return _state["path"]
 
 
 def error() -> str | None:

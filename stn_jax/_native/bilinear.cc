@@ -16,7 +16,7 @@
 // the backward over chunks of whole images (each image's gradient is owned by one task, so the
 // scatter-add needs no atomics and the result is deterministic). The handlers return an FFI
 // future, completed before they return: waiting for a pending one cost XLA more (thread
-// hand-offs, about 70 us a call at 256x28x28) than the caller's short wait for the last chunks.
+// hand-offs) than the caller's short wait for the last chunks (docs/performance.md).
 
 #include <algorithm>
 #include <atomic>
@@ -191,8 +191,7 @@ inline void ComputeTapsScalar(const T* grid, int64_t count, int64_t h, int64_t w
 // round-to-nearest are built from conversions, which are exact in the ranges where they are
 // used (see below).
 // 16 lanes (one zmm register) with AVX-512; 8 (one ymm register) otherwise: 16-lane vectors
-// split over two ymm registers spilled to memory and ran 6x slower (9.4 against 1.5 ns a point,
-// 256x28x28 forward built with -mno-avx512f on the test machine).
+// split over two ymm registers spill to memory (docs/performance.md has the timings).
 #if defined(__AVX512F__)
 constexpr int kLanes = 16;
 #else
@@ -906,11 +905,10 @@ struct Job {
 
 // A helper that has run out of chunks lingers: it spins for up to STN_JAX_NATIVE_LINGER_US
 // microseconds (default 100; 0 turns it off) waiting for the next call's job, which the caller
-// then posts here instead of scheduling a pool task. On the 2-vCPU test VM (timestamps in the
-// kernel, 256x28x28 forward, calls 15 us apart, median), in some 30-call bursts the scheduled
-// task started 50-65 us after pool.Schedule on every call, a third of the 0.1 ms call, and in
-// others in about 1 us; a lingering helper starts in about 1 us. At most one helper lingers,
-// so at most one pool thread spins, for at most that long after a call.
+// then posts here instead of scheduling a pool task: a scheduled pool task can start late on
+// every call of a burst, a lingering helper starts at once (docs/performance.md has the
+// timestamps). At most one helper lingers, so at most one pool thread spins, for at most that
+// long after a call.
 std::atomic<Job*> g_posted{nullptr};  // a job posted for the lingering helper
 // When the lingering helper stops waiting (steady-clock ns; 0 or past: nobody lingers). A
 // deadline rather than a flag, so that nothing depends on the helper clearing it: in a forked
