@@ -36,7 +36,7 @@ def test_config_defaults_are_the_papers_and_runlocal_shrinks():
     local = cub_config.get_config("num_st=2,runlocal=True")
     assert (local.model.backbone, local.data.size, local.model.crop_size) == (
         "squeezenet1_1", 224, 112)
-    assert local.train.loc_lr_multiplier == 1e-4 and local.model.dropout == 0.7
+    assert local.train.loc_lr_multiplier == 1e-4 and local.model.dropout == 0.0
     assert cub_config.get_config("runlocal=True,backbone=bn_inception").model.backbone == (
         "bn_inception")
     with pytest.raises(ValueError, match="num_st='3': valid values are"):
