@@ -249,3 +249,22 @@ def test_pictures_draw_every_transformer_in_its_colour():
     with pytest.raises(ValueError, match="not both"):
         pictures.render(images, labels=[1, 2], predictions=[1, 2], views=views,
                         outputs=images, grids=views[0]["grid"])
+
+
+def test_progress_rate_leaves_out_compilation_and_pauses(monkeypatch):
+    from stn_jax.train import loop
+
+    clock = [100.0]
+    monkeypatch.setattr(loop.time, "time", lambda: clock[0])
+    progress = loop._Progress(1000, 0)
+    clock[0] += 30.0  # Compiling and running the first step.
+    assert progress.first_step_done(1) == 30.0
+    assert progress.tick(1) is None  # No training time yet: no rate.
+    clock[0] += 5.0
+    assert progress.tick(26) == pytest.approx(5.0)  # 25 steps in 5 s.
+    with progress.paused():  # An evaluation or a checkpoint.
+        clock[0] += 100.0
+    clock[0] += 5.0
+    assert progress.tick(51) == pytest.approx(5.0)  # The 100 s are left out.
+    clock[0] += 2.5
+    assert progress.tick(76) == pytest.approx(0.7 * 5.0 + 0.3 * 10.0)  # Smoothed.

@@ -190,11 +190,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         nonlocal history
         if not history:
             return
-        host = steps.to_host(history)
+        host = steps.to_host(history)  # Waits for the devices: the steps are done.
         history = []
         metrics_lib.check_finite(host, last_checkpoint=last_saved)
         mean = metrics_lib.mean_metrics(host)
-        rate = progress.rate()
+        rate = progress.tick(step)
         logging.info(
             "step %d/%d: loss %.4f, train accuracy %.3f, lr %.3g, %s steps/s, ETA %s",
             step, num_steps, mean["loss"], mean.get("accuracy", math.nan), mean["lr"],
@@ -226,9 +226,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 if step == first_step + 1:
                     jax.block_until_ready(step_metrics)
                     logging.info("compiled and ran the first step in %.1f s",
-                                 progress.first_step_done())
+                                 progress.first_step_done(step))
                     flush(step)
-                progress.tick(step)
                 done = step == num_steps
                 log_now = step % config.log_every == 0 or done
                 eval_now = step % config.eval_every == 0 or done
@@ -279,7 +278,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 class _Progress:
     """Steps per second over training time only: compilation, evaluations and checkpoints are
-    left out, and the rate is smoothed (exponential moving average over log windows)."""
+    left out, and the rate is smoothed (exponential moving average over log windows).
+
+    `tick` is called only where the host has waited for the devices (a log line), since with
+    asynchronous dispatch the host may be many steps ahead of them in between."""
 
     def __init__(self, num_steps: int, first_step: int):
         self._start = time.time()
@@ -287,9 +289,10 @@ class _Progress:
         self._mark_time, self._mark_step = None, first_step
         self._rate = None
 
-    def first_step_done(self) -> float:
+    def first_step_done(self, step: int) -> float:
+        """Starts the clock after the (compiling) first step; returns how long it took."""
         elapsed = time.time() - self._start
-        self._mark_time = time.time()
+        self._mark_time, self._mark_step = time.time(), step
         self._excluded = 0.0
         return elapsed
 
@@ -301,16 +304,15 @@ class _Progress:
         finally:
             self._excluded += time.time() - begin
 
-    def tick(self, step: int) -> None:
-        if self._mark_time is None:
-            return
+    def tick(self, step: int) -> float | None:
+        """Folds the steps done since the last tick into the rate; returns the rate."""
+        if self._mark_time is None or step <= self._mark_step:
+            return self._rate
         spent = time.time() - self._mark_time - self._excluded
-        if spent >= 2.0 or (self._rate is None and spent >= 0.5 and step > self._mark_step):
-            rate = (step - self._mark_step) / max(spent, 1e-9)
+        if spent > 0:
+            rate = (step - self._mark_step) / spent
             self._rate = rate if self._rate is None else 0.7 * self._rate + 0.3 * rate
             self._mark_time, self._mark_step, self._excluded = time.time(), step, 0.0
-
-    def rate(self) -> float | None:
         return self._rate
 
 
