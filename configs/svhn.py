@@ -95,3 +95,10 @@ def get_config(arg=None):
 
     config.lock()
     return config
+
+
+def get_sweep(name):
+    """The trials of a named sweep (table2: the six cells of Table 2 x 3 seeds), e.g.
+    `python -m experiments.sweep --config=configs/svhn.py --sweep=table2 --workdir=DIR`.
+    """
+    return common.sweep(common.svhn_sweeps(), name)
