@@ -328,3 +328,56 @@ def test_bad_names_fail_before_any_work(tmp_path, field, value, valid):
     with pytest.raises(ValueError, match=valid):
         train_and_evaluate(small_config(**{field: value}), str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_transformer_model_resumes_mid_run_and_old_checkpoints_go(tmp_path, monkeypatch):
+    # An ST model (its localisation net at 0.1x the lr, momentum) stopped between periodic
+    # checkpoints resumes exactly; only the newest 3 checkpoints are kept.
+    def config():
+        return small_config(model__name="st_fcn", train__batch_size=8, train__num_steps=7,
+                            data__num_test=16, train__eval_batch_size=16, log_every=100,
+                            eval_every=100, checkpoint_every=2, num_pictures=0)
+
+    whole = train_and_evaluate(config(), str(tmp_path / "whole"))
+    assert sorted(os.listdir(tmp_path / "whole" / "checkpoints"), key=int) == ["4", "6", "7"]
+    with monkeypatch.context() as patch:
+        _kill_at(patch, 5)
+        assert train_and_evaluate(config(), str(tmp_path / "cut")) == {
+            "preempted": True, "steps": 5}
+    resumed = train_and_evaluate(config(), str(tmp_path / "cut"))
+    assert resumed["resumed_from_step"] == 5
+    for a, b in zip(saved(tmp_path / "cut", 7), saved(tmp_path / "whole", 7)):
+        np.testing.assert_array_equal(a, b)
+    assert resumed["test_loss"] == whole["test_loss"]
+
+
+def test_ctrl_c_saves_and_exits_75_and_the_console_stays_quiet(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.train",
+         "--config=configs/mnist_r.py:model=fcn,runlocal=True", f"--workdir={workdir}",
+         "--config.data.source=bundled", "--config.data.num_test=16",
+         "--config.train.eval_batch_size=16", "--config.train.num_steps=1000000",
+         "--config.log_every=1000000", "--config.num_pictures=0"],
+        cwd=ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    lines = []
+    deadline = time.time() + 600
+    for line in proc.stderr:  # Wait until training runs, then press Ctrl-C once.
+        lines.append(line)
+        if "compiled and ran the first step" in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=300)
+    log = "".join(lines) + rest
+    assert proc.returncode == 75, log[-3000:]
+    saved_steps = [int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit()]
+    assert len(saved_steps) == 1 and saved_steps[0] >= 1
+    assert "run the same command to resume" in log
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log
+    # No config dump (it is in config.json), no "no TPU here" line.
+    assert "weight_decay" not in log and "Unable to initialize backend" not in log
+    assert json.loads((workdir / "config.json").read_text())["train"]["weight_decay"] == 0.0
