@@ -22,7 +22,7 @@ Variants after the colon, e.g. `configs/cub.py:num_st=4,size=448,backbone=squeez
     runlocal: False | True                      (default False)
 Single fields change with flags, e.g. `--config.model.learn_scale=True`; the config is locked,
 so a misspelt field fails before any work. [P] marks the paper's settings, [S] those
-EXPERIMENT_DETAILS takes from its sources, [?] the open choices nobody states.
+docs/experiment_details.md takes from its sources, [?] the open choices nobody states.
 
 `runlocal=True` shrinks the experiment for 2 CPU cores: SqueezeNet v1.1 instead of
 BN-Inception, 224 px inputs whose transformer crops are 112 px (the paper's 2:1 ratio of 448 to

@@ -18,7 +18,7 @@ Variants after the colon, e.g. `configs/svhn.py:size=128,model=st_single,runloca
     size:     64 | 128                     (default 64: the tight framing; 128: the loose one)
     runlocal: False | True                 (default False)
 Single fields change with flags, e.g. `--config.data.use_extra=False`; the config is locked,
-so a misspelt field fails before any work. [S] marks the settings EXPERIMENT_DETAILS takes from
+so a misspelt field fails before any work. [S] marks the settings docs/experiment_details.md takes from
 the paper's sources, [?] what nobody says.
 
 `runlocal=True` shrinks the same experiment for 2 CPU cores: the classifier at a quarter of the
