@@ -293,7 +293,9 @@ class DistortedMNIST:
                 local["others"] = self._train_images[self._clutter_index(key, index)[rows]]
         batch = batching.assemble(local, sharding, batch_size)
         images = self._on_device(sharding)(key, batch["pixels"], batch.get("others"))
-        return {"image": images, "label": batch["label"]}
+        # The generator keeps the batch split, but on one device XLA calls it replicated (the
+        # same placement); say the batch sharding so the step's input matches it exactly.
+        return {"image": jax.device_put(images, sharding), "label": batch["label"]}
 
     def _clutter_index(self, key: jax.Array, index: np.ndarray) -> np.ndarray:
         """(B, clutter_count) indices of the digits whose crops clutter each digit (never
