@@ -256,7 +256,7 @@ def test_progress_rate_leaves_out_compilation_and_pauses(monkeypatch):
 
     clock = [100.0]
     monkeypatch.setattr(loop.time, "time", lambda: clock[0])
-    progress = loop._Progress(1000, 0)
+    progress = loop._Progress(0)
     clock[0] += 30.0  # Compiling and running the first step.
     assert progress.first_step_done(1) == 30.0
     assert progress.tick(1) is None  # No training time yet: no rate.

@@ -46,18 +46,11 @@ def local_rows(sharding: jax.sharding.Sharding, batch_size: int) -> slice:
         >>> local_rows(jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")), 8)
         slice(0, 8, None)
     """
-    index_map = sharding.addressable_devices_indices_map((batch_size,))
-    starts, stops = set(), set()
-    for index in index_map.values():
-        rows = index[0] if index else slice(None)
-        start, stop, _ = rows.indices(batch_size)
-        starts.add(start)
-        stops.add(stop)
-    start, stop = min(starts), max(stops)
     covered = set()
-    for index in index_map.values():
+    for index in sharding.addressable_devices_indices_map((batch_size,)).values():
         rows = index[0] if index else slice(None)
         covered.update(range(*rows.indices(batch_size)))
+    start, stop = min(covered), max(covered) + 1
     if covered != set(range(start, stop)):
         raise ValueError(
             f"this process's devices hold rows {sorted(covered)[:8]}... of the batch, not one "

@@ -153,7 +153,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer = tensorboardX.SummaryWriter(os.path.join(workdir, "tb")) if is_main else None
     num_steps = config.train.num_steps
     examples = dataset.picture_examples(config.num_pictures) if config.num_pictures else None
-    progress = _Progress(num_steps, first_step)
+    progress = _Progress(first_step)
 
     def evaluate_and_draw(step: int) -> dict:
         with progress.paused():
@@ -283,7 +283,7 @@ class _Progress:
     `tick` is called only where the host has waited for the devices (a log line), since with
     asynchronous dispatch the host may be many steps ahead of them in between."""
 
-    def __init__(self, num_steps: int, first_step: int):
+    def __init__(self, first_step: int):
         self._start = time.time()
         self._excluded = 0.0
         self._mark_time, self._mark_step = None, first_step
