@@ -337,7 +337,8 @@ def _record_segment(workdir: str, start: float, first_step: int, last_step: int,
     if os.path.exists(path):
         with open(path) as f:
             segments = json.load(f)
-    segments.append({"start": start, "end": time.time(), "wall_time_s": time.time() - start,
+    end = time.time()
+    segments.append({"start": start, "end": end, "wall_time_s": end - start,
                      "first_step": first_step, "last_step": last_step})
     if is_main:
         metrics_lib.write_json(path, segments)
