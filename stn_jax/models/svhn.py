@@ -40,7 +40,7 @@ from flax import nnx
 
 import stn_jax
 from stn_jax.models import count_params  # noqa: F401  (re-exported: svhn.count_params)
-from stn_jax.models.layers import conv_general_dilated, max_pool_2x2
+from stn_jax.models.layers import max_pool_2x2
 from stn_jax.transformer import SpatialTransformer
 
 MODEL_NAMES = ("cnn", "st_single", "st_multi")
@@ -143,10 +143,10 @@ def param_count(name: str, *, input_shape: Sequence[int], batch_norm: bool = Fal
 
 
 def _same_conv(n_in: int, n_out: int, *, rngs: nnx.Rngs) -> nnx.Conv:
-    # Explicit padding, so that CPU runs may take the im2col path of layers.py.
-    pad = (KERNEL - 1) // 2
-    return nnx.Conv(n_in, n_out, kernel_size=(KERNEL, KERNEL), padding=((pad, pad), (pad, pad)),
-                    conv_general_dilated=conv_general_dilated, rngs=rngs)
+    # XLA's own convolution, also on the CPU: with these few input channels (3-48 at runlocal
+    # width) the im2col form of layers.py, which wins for the MNIST CNN's 88-channel 7x7 conv,
+    # made the runlocal train step ~2-3.6x slower (docs/performance.md, "SVHN").
+    return nnx.Conv(n_in, n_out, kernel_size=(KERNEL, KERNEL), padding="SAME", rngs=rngs)
 
 
 def _max_pool(x: jax.Array, stride: int) -> jax.Array:
