@@ -135,15 +135,20 @@ def test_tps_is_differentiable_in_params_and_control_points_without_nan():
             # align_corners=True puts output points exactly on control points (r = 0).
             return jnp.sum(stn_jax.tps_grid(p, (5, 5), control_points=c, align_corners=True) * weights)
 
-        d_params, d_cps = jax.grad(loss, argnums=(0, 1))(params, cps)
+        # Jitted: traced control points take the jnp solve (the path a learned target grid
+        # takes); one compile instead of op-by-op dispatch of its gradient (6.6 s -> 1.2 s CPU).
+        d_params, d_cps = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, cps)
         assert np.all(np.isfinite(d_params)) and np.all(np.isfinite(d_cps))
         assert np.abs(d_cps).max() > 1e-3  # the target grid can be learned
         eps = 1e-6
         for idx in [(0, 0), (4, 1), (7, 0)]:
-            e = jnp.zeros_like(cps).at[idx].set(eps)
+            # Concrete points here: the differences go through the float64 numpy solve.
+            e = np.zeros(cps.shape)
+            e[idx] = eps
             fd = (loss(params, cps + e) - loss(params, cps - e)) / (2 * eps)
             np.testing.assert_allclose(d_cps[idx], fd, rtol=1e-5, atol=1e-8)
-            e = jnp.zeros_like(params).at[(0, *idx)].set(eps)
+            e = np.zeros(params.shape)
+            e[(0, *idx)] = eps
             fd = (loss(params + e, cps) - loss(params - e, cps)) / (2 * eps)
             np.testing.assert_allclose(d_params[(0, *idx)], fd, rtol=1e-6, atol=1e-9)
 
