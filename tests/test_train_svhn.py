@@ -68,17 +68,16 @@ def test_picture_draws_every_transformer():
 def test_short_training_of_st_multi_learns(tmp_path):
     # ST-CNN Multi (four transformers) through train_and_evaluate on one-digit mnist_sequences
     # numbers: chance is 90% sequence error (the digit; the four blanks are learnt in tens of
-    # steps). Width 1/8, no dropout, 200 steps of batch 32 with the runlocal optimiser
-    # (momentum 0.9, localisation lr 0.01x). Measured: 58% after 150 steps, 93% after 100 (the
+    # steps). The runlocal model and optimiser (width 1/8, no dropout, batch 32, momentum 0.9,
+    # localisation lr 0.01x) for 200 steps. Measured: 58% after 150 steps, 93% after 100 (the
     # digit starts to be read between the two); the bound leaves room for float differences
     # across machines while a run stuck at chance (e.g. the 0.1x localisation lr, whose
     # transformers left the image) fails it.
     config = svhn_config.get_config("model=st_multi,runlocal=True")
+    assert config.model.width == 0.125 and config.model.dropout == 0.0
     with config.unlocked():
         config.data.max_length = 1
         config.data.num_test = 200
-        config.model.width = 0.125
-        config.model.dropout = 0.0
         config.train.num_steps = config.train.lr_decay_every = 200
         config.train.eval_batch_size = 200
         config.log_every = 100
