@@ -15,6 +15,9 @@ from stn_jax.models import cub as cub_models
 from stn_jax.train.state import transformer_labels
 
 
+# One batch size (4) and image size (64) throughout: eager calls compile each op once per
+# shape, and the models share those compiles only when the shapes agree (a SqueezeNet forward
+# at a new batch size costs 6 s of CPU in compiles).
 def _images(n, size, seed=0):
     return jnp.asarray(np.random.default_rng(seed).uniform(0, 255, (n, size, size, 3)),
                        jnp.float32)
@@ -30,7 +33,7 @@ def test_tiling_centres():
 
 
 def test_four_crops_start_as_the_four_quadrants_and_two_as_the_middle_band():
-    images = _images(2, 64)
+    images = _images(4, 64)
     model = cub_models.CubModel(backbone="squeezenet1_1", num_classes=5, num_st=4,
                                 image_size=64, crop_size=32, rngs=nnx.Rngs(0))
     views = model.transformer_views(images)
@@ -39,8 +42,8 @@ def test_four_crops_start_as_the_four_quadrants_and_two_as_the_middle_band():
         # s = 0.5, t = +-0.5, align_corners=False: output pixel j samples input pixel j exactly.
         np.testing.assert_allclose(v["output"], images[:, top:top + 32, left:left + 32],
                                    atol=1e-3)
-        np.testing.assert_allclose(v["theta"], [[0.5, (left - 16) / 32, (top - 16) / 32]] * 2)
-        assert v["grid"].shape == (2, 32, 32, 2)
+        np.testing.assert_allclose(v["theta"], [[0.5, (left - 16) / 32, (top - 16) / 32]] * 4)
+        assert v["grid"].shape == (4, 32, 32, 2)
     model2 = cub_models.CubModel(backbone="squeezenet1_1", num_classes=5, num_st=2,
                                  image_size=64, crop_size=32, rngs=nnx.Rngs(1))
     views = model2.transformer_views(images)
@@ -62,11 +65,12 @@ def test_shapes_widths_and_parameter_counts():
     loc = squeeze + 512 * 128 + 128 + 256 + 3 * 3 * 128 * 128 + 128 + 256 + 128 * 4 + 4
     assert count_params(m2) == loc + 2 * squeeze + 2 * 1024 + 1024 * 7 + 7
     assert count_params(m2s) == count_params(m2) + 128 * 2 + 2
-    assert len(m2.backbones()) == 3 and m0.transformer_views(_images(1, 64)) == []
+    assert len(m2.backbones()) == 3 and m0.transformer_views(_images(4, 64)) == []
     for m in (m0, m2, m2s):
         m.eval()
-        assert m(_images(3, 64)).shape == (3, 7)
-    np.testing.assert_allclose(m2s.transformer_views(_images(1, 64))[1]["theta"], [[0.5, 0.5, 0]])
+        assert m(_images(4, 64)).shape == (4, 7)
+    np.testing.assert_allclose(m2s.transformer_views(_images(4, 64))[1]["theta"],
+                               [[0.5, 0.5, 0]] * 4)
     # The localisation learning rate reaches the loc backbone and regression, not the parts.
     labels = transformer_labels(m2)
     assert set(jax.tree.leaves(labels["transformer"])) == {"loc"}
