@@ -59,9 +59,15 @@ train_and_evaluate(holder.value, sys.argv[3])
 """
 
 
-def _env(devices: int) -> dict:
+def _env(devices: int, cache_dir=None) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return {**env, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices)}
+    env = {**env, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices)}
+    if cache_dir is not None:
+        # The three two-process runs compile the same programs: a shared persistent cache
+        # (as sweeps use, experiments/sweep_lib.py) lets the second and third load them.
+        env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    return env
 
 
 def _free_port() -> int:
@@ -75,10 +81,10 @@ def _train_cmd(workdir, steps: int, *extra: str) -> list[str]:
             f"--workdir={workdir}", f"--config.train.num_steps={steps}", *OVERRIDES, *extra]
 
 
-def _two_processes(make_cmd) -> list[subprocess.CompletedProcess]:
+def _two_processes(make_cmd, cache_dir=None) -> list[subprocess.CompletedProcess]:
     """Runs make_cmd(address, process_id) for process ids 0 and 1 at once."""
     address = f"localhost:{_free_port()}"
-    procs = [subprocess.Popen(make_cmd(address, i), cwd=ROOT, env=_env(2), text=True,
+    procs = [subprocess.Popen(make_cmd(address, i), cwd=ROOT, env=_env(2, cache_dir), text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for i in (0, 1)]
     results = []
@@ -108,8 +114,8 @@ def _saved(workdir, step: int) -> list[np.ndarray]:
 
 def test_two_processes_equal_one_process_and_resume_after_kill(tmp_path):
     # Uninterrupted: two processes of 2 devices.
-    two = tmp_path / "two"
-    for r in _two_processes(_distributed(two, 8)):
+    two, cache = tmp_path / "two", tmp_path / "jax_cache"
+    for r in _two_processes(_distributed(two, 8), cache):
         assert r.returncode == 0, r.stderr[-3000:]
     # One process of 4 devices, same config.
     one = tmp_path / "one"
@@ -139,11 +145,11 @@ def test_two_processes_equal_one_process_and_resume_after_kill(tmp_path):
     killed = tmp_path / "killed"
     for r in _two_processes(lambda address, i: [
             sys.executable, "-c", _KILLED_PROCESS, address, str(i), str(killed),
-            CONFIG, "--config.train.num_steps=8", *OVERRIDES]):
+            CONFIG, "--config.train.num_steps=8", *OVERRIDES], cache):
         assert r.returncode == -9, (r.returncode, r.stderr[-3000:])
     assert "4" in os.listdir(killed / "checkpoints")
     assert not (killed / "metrics.json").exists()
-    for r in _two_processes(_distributed(killed, 8)):
+    for r in _two_processes(_distributed(killed, 8), cache):
         assert r.returncode == 0, r.stderr[-3000:]
     resumed = json.loads((killed / "metrics.json").read_text())
     assert resumed["resumed_from_step"] == 4
