@@ -25,7 +25,7 @@ the paper's sources, [?] what nobody says.
 at an eighth of the paper's width (`model.width`; its filters 6-24, FC 384), 1500 steps of batch
 32 with momentum 0.9 and batch norm (ten layers deep, plain SGD barely moves in a CPU's number
 of steps), the learning rate divided by 10 after 1000, no dropout (every batch is freshly
-generated and the run short: nothing to overfit, and 0.5 of 6-24 channels is harsh), the
+generated and the run short: nothing to overfit [?: not compared with 0.5]), the
 localisation lr 0.01x (momentum makes each step ~10x plain SGD's), a 1000-number test set;
 weight decay and the localisation nets unchanged.
 Measured here: docs/results/svhn.md.
@@ -86,9 +86,9 @@ def get_config(arg=None):
     train.lr_decay_every = 1000 if runlocal else 80_000  # Steps between lr decays [S].
     train.lr_decay_factor = 0.1  # The lr is multiplied by this at each decay [S].
     # The transformers' lr / the rest's: 0.1 [S] with plain SGD. With runlocal's momentum 0.9
-    # every step is ~10x plain SGD's, so 0.01 keeps the paper's localisation step; at 0.1 the
-    # transformers of Single and Multi left the image and the runs stayed at chance (measured:
-    # docs/results/svhn.md).
+    # every step is ~10x plain SGD's, so 0.01 keeps the paper's localisation step; at 0.1
+    # Single's transformer left the image and Single and Multi stayed at chance on one-digit
+    # numbers (measured: docs/results/svhn.md).
     train.loc_lr_multiplier = 0.01 if runlocal else 0.1
     train.num_steps = 1500 if runlocal else 400_000  # Training steps [S].
     train.weight_decay = 5e-4  # L2 weight decay [S].

@@ -143,9 +143,10 @@ def param_count(name: str, *, input_shape: Sequence[int], batch_norm: bool = Fal
 
 
 def _same_conv(n_in: int, n_out: int, *, rngs: nnx.Rngs) -> nnx.Conv:
-    # XLA's own convolution, also on the CPU: with these few input channels (3-48 at runlocal
-    # width) the im2col form of layers.py, which wins for the MNIST CNN's 88-channel 7x7 conv,
-    # made the runlocal train step ~2-3.6x slower (docs/performance.md, "SVHN").
+    # XLA's own convolution, also on the CPU: with these few input channels (3-32 at the runlocal
+    # width 1/8) the im2col form of layers.py, which wins for the MNIST CNN's 88-channel 7x7 conv,
+    # made the runlocal train step 3.6x slower, 1.9x at width 1/4 (docs/performance.md,
+    # "SVHN models").
     return nnx.Conv(n_in, n_out, kernel_size=(KERNEL, KERNEL), padding="SAME", rngs=rngs)
 
 
