@@ -96,6 +96,62 @@ def test_conv_general_dilated_falls_back_above_max_patch_bytes(monkeypatch):
         assert _count_convolutions(fn, x, k) == convolutions, limit
 
 
+# A convolution with >= XLA_INPUT_GRAD_MIN_CHANNELS input channels and >= XLA_INPUT_GRAD_MIN_PIXELS
+# output pixels: on the CPU its input derivative is XLA's convolution (the TC CNN's 7x7 conv).
+WIDE_X, WIDE_K = (2, 14, 13, 16), (3, 4, 16, 3)
+
+
+def _wide_conv(x, k, padding=((1, 0), (0, 2))):
+    return layers.conv_general_dilated(x, k, (1, 1), padding, dimension_numbers=DN)
+
+
+def test_wide_conv_takes_xla_for_its_input_gradient_only():
+    x, k = jnp.ones(WIDE_X, jnp.float32), jnp.ones(WIDE_K, jnp.float32)
+    assert 12 * 14 >= layers.XLA_INPUT_GRAD_MIN_PIXELS
+    assert _count_convolutions(_wide_conv, x, k) == 0
+    # One convolution in the input gradient; the kernel gradient stays a matmul of the patches.
+    assert _count_convolutions(jax.grad(lambda x, k: jnp.sum(_wide_conv(x, k))), x, k) == 1
+    assert _count_convolutions(
+        jax.grad(lambda x, k: jnp.sum(_wide_conv(x, k)), argnums=1), x, k) == 0
+
+
+def test_wide_conv_equals_lax_conv_values_gradients_and_jvp():
+    with jax.enable_x64(True):
+        x, k = _random(WIDE_X, 20), _random(WIDE_K, 21)
+        padding = ((1, 0), (0, 2))
+        ref, ref_vjp = jax.vjp(lambda x, k: _lax_conv(x, k, padding), x, k)
+        out, out_vjp = jax.vjp(_wide_conv, x, k)
+        np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
+        ct = _random(ref.shape, 22)
+        for got, want in zip(out_vjp(ct), ref_vjp(ct)):
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+        # Forward mode, in both arguments and in one at a time (the other a symbolic zero).
+        tx, tk = _random(WIDE_X, 23), _random(WIDE_K, 24)
+        for tangents in [(tx, tk), (tx, jnp.zeros_like(tk)), (jnp.zeros_like(tx), tk)]:
+            _, got = jax.jvp(_wide_conv, (x, k), tangents)
+            _, want = jax.jvp(lambda x, k: _lax_conv(x, k, padding), (x, k), tangents)
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+        _, got = jax.jvp(lambda k: _wide_conv(x, k), (k,), (tk,))
+        _, want = jax.jvp(lambda k: _lax_conv(x, k, padding), (k,), (tk,))
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_wide_conv_grad_of_grad_matches_finite_differences():
+    # d/dk of <grad_x loss, v>: second order through the XLA input derivative, in float64.
+    with jax.enable_x64(True):
+        x, k, v = _random(WIDE_X, 25), _random(WIDE_K, 26), _random(WIDE_X, 27)
+        dk = _random(WIDE_K, 28)
+
+        def inner(k):
+            gx = jax.grad(lambda x: jnp.sum(jnp.tanh(_wide_conv(x, k))))(x)
+            return jnp.vdot(gx, v)
+
+        got = jnp.vdot(jax.grad(inner)(k), dk)
+        eps = 1e-6
+        want = (inner(k + eps * dk) - inner(k - eps * dk)) / (2 * eps)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
 def test_nnx_conv_with_patches_equals_default_conv():
     kwargs = dict(kernel_size=(5, 5), padding="VALID", rngs=nnx.Rngs(3))
     ours = nnx.Conv(2, 7, conv_general_dilated=layers.conv_general_dilated, **kwargs)

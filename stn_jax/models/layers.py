@@ -30,6 +30,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 __all__ = ["MAX_PATCH_BYTES", "conv_general_dilated", "max_pool_2x2", "patches_conv"]
 
@@ -133,8 +134,53 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     patch_bytes = lhs.shape[0] * ho * wo * kh * kw * rhs.shape[2] * lhs.dtype.itemsize
     if min(ho, wo) < 1 or patch_bytes > MAX_PATCH_BYTES:
         return xla_conv(lhs, rhs)
+    cpu = patches_conv
+    if rhs.shape[2] >= XLA_INPUT_GRAD_MIN_CHANNELS and ho * wo >= XLA_INPUT_GRAD_MIN_PIXELS:
+        cpu = _patches_conv_xla_input_grad
     return jax.lax.platform_dependent(
-        lhs, rhs, cpu=lambda x, k: patches_conv(x, k, pads), default=xla_conv)
+        lhs, rhs, cpu=lambda x, k: cpu(x, k, pads), default=xla_conv)
+
+
+# From this many input channels on, the patches convolution's input derivative is XLA's
+# convolution (`_patches_conv_xla_input_grad`); below, the patches' own (one input channel: the
+# first conv of every classifier, whose XLA input gradient is a slow 1-output-channel conv).
+XLA_INPUT_GRAD_MIN_CHANNELS = 16
+XLA_INPUT_GRAD_MIN_PIXELS = 100
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _patches_conv_xla_input_grad(lhs, rhs, padding):
+    """`patches_conv`, whose derivative in `lhs` is XLA's convolution.
+
+    Values are `patches_conv`'s. The forward-mode rule is linear in both tangents: the kernel's
+    term is the patches convolution of the input with the kernel tangent (its transpose, the
+    kernel gradient, is one matrix product with the patches), the input's term is
+    `jax.lax.conv_general_dilated` of the input tangent with the kernel, whose transpose (the
+    input gradient) XLA computes as one convolution of the padded output gradient with the
+    flipped kernel. Autodiff's transpose of the patches themselves would be a sum of kh * kw
+    padded windows, which XLA fuses with whatever gradient comes before it (the CNN's pooling)
+    into a loop several times slower. Only standard operations appear in the rule, so grad,
+    jvp / jacfwd, grad of grad and vmap all compose.
+    """
+    return patches_conv(lhs, rhs, padding)
+
+
+def _patches_conv_xla_input_grad_jvp(padding, primals, tangents):
+    lhs, rhs = primals
+    lhs_dot, rhs_dot = tangents
+    out = patches_conv(lhs, rhs, padding)
+    terms = []
+    if not isinstance(lhs_dot, SymbolicZero):
+        terms.append(jax.lax.conv_general_dilated(lhs_dot, rhs, (1, 1), padding,
+                                                  dimension_numbers=_NHWC))
+    if not isinstance(rhs_dot, SymbolicZero):
+        terms.append(patches_conv(lhs, rhs_dot, padding))
+    if not terms:
+        return out, jnp.zeros_like(out)
+    return out, functools.reduce(jnp.add, terms)
+
+
+_patches_conv_xla_input_grad.defjvp(_patches_conv_xla_input_grad_jvp, symbolic_zeros=True)
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
