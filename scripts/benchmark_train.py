@@ -42,13 +42,18 @@ import numpy as np
 import optax
 from flax import nnx
 
-import stn_jax
-import stn_jax.transformer
-from stn_jax.models import mnist
-from stn_jax.train import state as train_state
-from stn_jax.train import steps
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import stn_jax  # noqa: E402
+import stn_jax.transformer  # noqa: E402
+from configs import mnist_rts  # noqa: E402
+from stn_jax import tasks  # noqa: E402
+from stn_jax.models import mnist  # noqa: E402
+from stn_jax.train import state as train_state  # noqa: E402
+from stn_jax.train import steps  # noqa: E402
 
 INPUT_SHAPE = (42, 42, 1)  # RTS [P]
+# The MNIST task's loss (cross-entropy) and metrics; the step needs only those of the task.
+_TASK = tasks.get_task(mnist_rts.get_config())
 ST_DOWNSAMPLE = 2  # the ST's output is 21x21 on RTS [S]
 NUM_CLASSES = 10
 LEARNING_RATE = 0.01
@@ -80,16 +85,18 @@ def jax_step(name: str, batch_np: dict, method: str | None):
     else:
         model = mnist.create_model(name, transform="affine", input_shape=INPUT_SHAPE,
                                    st_downsample=ST_DOWNSAMPLE, rngs=nnx.Rngs(0))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = optax.sgd(LEARNING_RATE)
     schedule = optax.constant_schedule(LEARNING_RATE)
-    step_fn = steps.make_train_step(graphdef, rest, tx, schedule, steps.make_mesh(jax.devices()[:1]))
-    holder = {"state": train_state.create_train_state(params, tx)}
+    mesh = steps.make_mesh(jax.devices()[:1])
+    graphdef, params, model_state, constants = train_state.split_model(model)
+    step_fn = steps.make_train_step(_TASK, graphdef, constants, tx, schedule, mesh,
+                                    key=jax.random.key(0))
+    holder = {"state": steps.replicate(
+        train_state.create_train_state(params, model_state, tx), mesh)}
     batch = jax.device_put({k: jnp.asarray(v) for k, v in batch_np.items()})
-    key = jax.random.key(0)
 
     def run():
-        holder["state"], metrics = step_fn(holder["state"], batch, key)
+        holder["state"], metrics = step_fn(holder["state"], batch)
         jax.block_until_ready(metrics)
         return metrics
 
