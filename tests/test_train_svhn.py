@@ -13,7 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # configs/ lives at the repository root.
 from configs import svhn as svhn_config  # noqa: E402
 from stn_jax.tasks import svhn as svhn_task  # noqa: E402
-from stn_jax.train import loop  # noqa: E402
+from stn_jax.train import loop, pictures  # noqa: E402
 
 
 def test_summary_and_loss_by_hand():
@@ -57,12 +57,20 @@ def test_picture_draws_every_transformer():
              {"name": "st2", "output": images[:, ::2, ::2], "grid": 0.5 * whole[:, ::2, ::2],
               "input_view": images[:, ::2, ::2]}]
     labels = np.array([[2, 1, 0, 10, 10], [7, 10, 10, 10, 10]])
-    picture = svhn_task.render_numbers(images, labels=labels, predictions=labels.copy(),
-                                       views=views, title="t")
+    picture = pictures.render(images, labels=labels, predictions=labels.copy(), views=views,
+                              title="t", label_text=svhn_task.number_text)
     assert picture.dtype == np.uint8 and picture.ndim == 3 and picture.shape[2] == 3
     colours = {tuple(c) for c in picture.reshape(-1, 3).tolist()}
-    assert set(svhn_task._COLOURS[:2]) <= colours and svhn_task._COLOURS[2] not in colours
-    assert svhn_task._RIGHT in colours  # both numbers right: green text
+    assert set(pictures.OUTLINE_COLOURS[:2]) <= colours
+    assert pictures.OUTLINE_COLOURS[2] not in colours
+    assert pictures._RIGHT in colours and pictures._WRONG not in colours  # both numbers right
+    wrong = labels.copy()
+    wrong[1, 0] = 3  # one digit off: that number is wrong
+    picture = pictures.render(images, labels=labels, predictions=wrong, views=views,
+                              label_text=svhn_task.number_text)
+    assert pictures._WRONG in {tuple(c) for c in picture.reshape(-1, 3).tolist()}
+    assert svhn_task.number_text(labels[0]) == "210"
+    assert svhn_task.number_text(np.full(5, 10)) == "-"
 
 
 def test_short_training_of_st_multi_learns(tmp_path):

@@ -15,7 +15,6 @@ the predicted and true strings.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
@@ -25,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from PIL import Image, ImageDraw, ImageFont
 
 from stn_jax.data import mnist_sequences
 from stn_jax.data import svhn as svhn_data
@@ -181,8 +179,11 @@ class SvhnTask(Task):
         predictions = np.asarray(jnp.argmax(model(images), -1))
         views = [{k: (v if k == "name" else np.asarray(v)) for k, v in view.items()}
                  for view in model.transformer_views(images)]
-        return render_numbers(np.asarray(images), labels=np.asarray(examples["label"]),
-                              predictions=predictions, views=views, title=title)
+        # Each transformer's panel shows the input read at its grid composed onto the input
+        # ("input_view"): st2-st4 work on feature maps.
+        return pictures.render(np.asarray(images), labels=np.asarray(examples["label"]),
+                               predictions=predictions, views=views, title=title,
+                               columns=2 if len(views) > 1 else 4, label_text=number_text)
 
     def describe(self, dataset, model):
         parts = {name: count_params(t) for name, t in
@@ -196,85 +197,10 @@ class SvhnTask(Task):
 
 # ------------------------------------------------------------------------------- pictures
 
-# One outline colour per transformer, input side first.
-_COLOURS = ((255, 60, 60), (255, 200, 0), (60, 200, 255), (200, 90, 255))
-_BACKGROUND, _MARGIN, _PAD, _TEXT = (40, 40, 40), (75, 75, 75), 6, 18
-_RIGHT, _WRONG = (90, 220, 90), (255, 90, 90)
 
-
-def _rgb(image: np.ndarray, side: int) -> Image.Image:
-    pixels = np.clip(np.asarray(image, np.float32), 0.0, 1.0)
-    if pixels.shape[-1] != 3:
-        pixels = np.repeat(pixels.mean(-1, keepdims=True), 3, -1)
-    return Image.fromarray((pixels * 255 + 0.5).astype(np.uint8)).resize((side, side),
-                                                                          Image.NEAREST)
-
-
-def _font():
-    try:
-        return ImageFont.load_default(size=14)
-    except (TypeError, OSError):
-        return ImageFont.load_default()
-
-
-def render_numbers(images: np.ndarray, *, labels: np.ndarray, predictions: np.ndarray,
-                   views: list[dict], columns: int | None = None, title: str = "") -> np.ndarray:
-    """One tile per number: the input with each transformer's sampling region outlined, what
-    each transformer sees (the input resampled at its grid composed onto the input), and the
-    predicted and true strings (green when the whole number is right, red otherwise).
-
-    Args:
-        images: (N, H, W, C) inputs in [0, 1].
-        labels, predictions: (N, 5) ints, 10 = no digit.
-        views: `model.transformer_views(images)` as numpy ([] for the CNN).
-        columns: tiles per row (default: 4, or 2 with more than one transformer).
-        title: a line over the tiles.
-
-    Returns:
-        (height, width, 3) uint8.
-    """
-    n, h, w = images.shape[:3]
-    scale = pictures.display_scale(max(h, w))
-    side = max(h, w) * scale
-    margin = side // 5 if views else 0
-    panel_side = side // 2 if len(views) > 1 else side  # the transformers' views
-    columns = min(columns or (2 if len(views) > 1 else 4), n)
-    rows = math.ceil(n / columns)
-    tile_w = side + 2 * margin + len(views) * (panel_side + _PAD)
-    tile_h = side + 2 * margin + _TEXT
-    title_h = _TEXT + _PAD if title else 0
-    canvas = Image.new("RGB", (columns * tile_w + (columns + 1) * 2 * _PAD,
-                               title_h + rows * tile_h + (rows + 1) * 2 * _PAD), _BACKGROUND)
-    draw, font = ImageDraw.Draw(canvas), _font()
-    if title:
-        draw.text((2 * _PAD, _PAD), title, fill=(230, 230, 230), font=font)
-    for k in range(n):
-        row, col = divmod(k, columns)
-        x0 = 2 * _PAD + col * (tile_w + 2 * _PAD)
-        y0 = title_h + 2 * _PAD + row * (tile_h + 2 * _PAD)
-        panel = Image.new("RGB", (side + 2 * margin,) * 2, _MARGIN)
-        panel.paste(_rgb(images[k], side), (margin, margin))
-        panel_draw = ImageDraw.Draw(panel)
-        for v, view in enumerate(views):
-            outline = pictures.grid_outline(view["grid"][k])
-            x = margin + (outline[:, 0] + 1) * 0.5 * w * scale
-            y = margin + (outline[:, 1] + 1) * 0.5 * h * scale
-            x, y = (np.clip(np.nan_to_num(t), -1e4, 1e4) for t in (x, y))
-            points = list(zip(x.tolist(), y.tolist()))
-            panel_draw.line(points + points[:1], fill=_COLOURS[v % len(_COLOURS)], width=2)
-            seen = view.get("input_view", view["output"])[k]
-            canvas.paste(_rgb(seen, panel_side),
-                         (x0 + side + 2 * margin + _PAD + v * (panel_side + _PAD), y0 + margin))
-            draw.rectangle([x0 + side + 2 * margin + _PAD + v * (panel_side + _PAD),
-                            y0 + margin + panel_side,
-                            x0 + side + 2 * margin + _PAD + v * (panel_side + _PAD) + panel_side,
-                            y0 + margin + panel_side + 3], fill=_COLOURS[v % len(_COLOURS)])
-        canvas.paste(panel, (x0, y0))
-        pred, true = svhn_data.decode_labels(predictions[k]), svhn_data.decode_labels(labels[k])
-        right = bool(np.all(np.asarray(predictions[k]) == np.asarray(labels[k])))
-        draw.text((x0, y0 + side + 2 * margin + 2), f"pred {pred or '-'}  true {true}",
-                  fill=_RIGHT if right else _WRONG, font=font)
-    return np.asarray(canvas)
+def number_text(label: np.ndarray) -> str:
+    """A (5,) label row (10 = no digit) as the number's text, "-" for none."""
+    return svhn_data.decode_labels(label) or "-"
 
 
 TASK = SvhnTask

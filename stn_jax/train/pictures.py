@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from typing import Any, Callable
 
 from flax import nnx
 import jax
@@ -128,22 +128,28 @@ def render(
     views: list[dict] | None = None,
     columns: int | None = None,
     title: str = "",
+    label_text: Callable[[np.ndarray], str] | None = None,
 ) -> np.ndarray:
     """Draws one tile per image into a single RGB picture.
 
     Args:
         images: (N,H,W,C) inputs in [0,1] (clipped), C = 1 or 3.
-        labels: (N,) true labels.
-        predictions: (N,) predicted labels.
+        labels: (N,) true labels, or (N, L) label sequences (with `label_text`).
+        predictions: like `labels`; a tile is right (green) when its prediction equals its
+            label in every position.
         outputs: (N,H',W',C) transformer outputs, or None for a model without one.
         grids: (N,H',W',2) the transformer's sampling grids (normalised input (x, y),
             align_corners=False); given together with `outputs`.
         views: instead of outputs and grids, one dict per transformer of the model
-            (`model.transformer_views`): "output" (N,H',W',C) and "grid" (N,H',W',2). Every
-            grid is drawn on the input in its own colour (`OUTLINE_COLOURS`), every output in
-            its own panel.
+            (`model.transformer_views`): "output" (N,H',W',C) and "grid" (N,H',W',2), and
+            optionally "input_view" (N,H',W',C'), the input read at the grid, which the
+            panel shows instead of the output (for a transformer deep in the network, whose
+            output is a feature map). Every grid is drawn on the input in its own colour
+            (`OUTLINE_COLOURS`), every view in its own panel.
         columns: tiles per row (default 4 with a transformer, 8 without).
         title: a line of text over the tiles (e.g. the step and test error).
+        label_text: one label or prediction (a row of `labels`) -> its text; default the
+            integer, e.g. `lambda row: "".join(str(d) for d in row if d < 10)` for numbers.
 
     Returns:
         (height, width, 3) uint8 picture.
@@ -156,9 +162,11 @@ def render(
     if images.ndim != 4:
         raise ValueError(f"images must be (N,H,W,C), got {images.shape}")
     n, h, w = images.shape[:3]
-    if len(labels) != n or len(predictions) != n:
-        raise ValueError(f"labels and predictions must be ({n},), got {np.shape(labels)} and "
-                         f"{np.shape(predictions)}")
+    labels, predictions = np.asarray(labels), np.asarray(predictions)
+    if len(labels) != n or predictions.shape != labels.shape:
+        raise ValueError(f"labels and predictions must be ({n}, ...) alike, got {labels.shape} "
+                         f"and {predictions.shape}")
+    label_text = label_text or (lambda label: str(int(label)))
     if (outputs is None) != (grids is None):
         raise ValueError("outputs and grids go together: give both or neither")
     if views is not None and outputs is not None:
@@ -197,9 +205,10 @@ def render(
         panel.paste(_to_rgb(images[k], (cell_w, cell_h)), (margin, margin))
         for v, view in enumerate(views):
             colour = OUTLINE_COLOURS[v % len(OUTLINE_COLOURS)]
+            # Interior grid lines for a single transformer; with several, outlines only.
             _draw_grid(ImageDraw.Draw(panel), np.asarray(view["grid"][k]), (h, w), scale,
-                       margin, colour=colour)
-            out = np.asarray(view["output"][k])
+                       margin, colour=colour, lines=3 if len(views) == 1 else 0)
+            out = np.asarray(view.get("input_view", view["output"])[k])
             size = (cell_w, cell_h)
             left = x0 + cell_w + 2 * margin + _PAD + v * (cell_w + _PAD)
             canvas.paste(_to_rgb(out, size), (left, y0 + margin))
@@ -208,9 +217,9 @@ def render(
                     [left, y0 + margin, left + size[0] - 1, y0 + margin + size[1] - 1],
                     outline=colour, width=2)
         canvas.paste(panel, (x0, y0))
-        right = int(predictions[k]) == int(labels[k])
+        right = bool(np.array_equal(predictions[k], labels[k]))
         draw.text((x0, y0 + cell_h + 2 * margin + 2),
-                  f"pred {int(predictions[k])}  true {int(labels[k])}",
+                  f"pred {label_text(predictions[k])}  true {label_text(labels[k])}",
                   fill=_RIGHT if right else _WRONG, font=font)
     return np.asarray(canvas)
 
