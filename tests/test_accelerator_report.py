@@ -16,6 +16,10 @@ _SCRIPT = _REPO / "scripts" / "accelerator_report.py"
 _NOT_ON_TARGET = ("ml_collections", "tensorboardX", "tensorflow_datasets")
 
 
+# One xdist worker runs this file (`pytest -n 2 --dist loadgroup`), so that the report (a tiny run of the whole script, 30-75 s)
+# is built once, not once per worker.
+pytestmark = pytest.mark.xdist_group("accelerator_report")
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     pytest.importorskip("torch")

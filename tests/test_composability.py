@@ -334,6 +334,10 @@ print("RESULTS" + json.dumps(results))
 '''
 
 
+# One xdist worker runs this file (`pytest -n 2 --dist loadgroup`), so that the 4-device subprocess (about 20 s)
+# is built once, not once per worker.
+pytestmark = pytest.mark.xdist_group("composability")
+
 @pytest.fixture(scope="module")
 def multi_device(tmp_path_factory):
     script = tmp_path_factory.mktemp("multi") / "multi_device.py"
