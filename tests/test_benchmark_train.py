@@ -4,21 +4,16 @@ The script builds the project's own jitted step (`stn_jax.train.steps.make_train
 change of that API breaks it; this runs its cheapest step once on two images, and its torch twin where torch is installed.
 """
 
-import importlib.util
-import pathlib
 
 import numpy as np
 import pytest
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "benchmark_train.py"
+import file_modules
 
 
 @pytest.fixture(scope="module")
 def benchmark_train():
-    spec = importlib.util.spec_from_file_location("benchmark_train", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return file_modules.load("scripts/benchmark_train.py")
 
 
 def test_benchmark_train_steps_run_and_match_torch(benchmark_train):

@@ -1,21 +1,16 @@
 """scripts/transformer_zoom.py: the affine scale, and its one-line errors on wrong folders."""
 
-import importlib.util
 import json
-import pathlib
 
 import numpy as np
 import pytest
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "transformer_zoom.py"
+import file_modules
 
 
 @pytest.fixture(scope="module")
 def zoom():
-    spec = importlib.util.spec_from_file_location("transformer_zoom", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return file_modules.load("scripts/transformer_zoom.py")
 
 
 def test_affine_scale_hand_computed(zoom):
