@@ -24,11 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
-from stn_jax import tasks  # noqa: E402
-from stn_jax.train import checkpoint, steps  # noqa: E402
-from stn_jax.train import state as state_lib  # noqa: E402
+from stn_jax.train import loop  # noqa: E402
 
 # A step no run of the project reaches, so the images are not ones a run trained on.
 _PROBE_STEP = 10**9
@@ -54,21 +51,11 @@ def run_zoom(workdir: str, *, images: int) -> dict:
     if config.task != "mnist" or not config.model.name.startswith("st_") or (
             config.model.transform != "affine"):
         raise ValueError(f"workdir={workdir!r}: not an MNIST ST run with an affine transformer")
-    mesh = steps.make_mesh()
-    task = tasks.get_task(config)
-    dataset = task.make_dataset()
-    model = task.create_model(dataset, rngs=nnx.Rngs(0))
-    tx = state_lib.make_optimizer(config.train, param_labels=state_lib.transformer_labels(model))
-    model.eval()
-    graphdef, params, model_state, constants = state_lib.split_model(model)
-    fresh = steps.replicate(state_lib.create_train_state(params, model_state, tx), mesh)
-    state = checkpoint.restore_latest(checkpoint.make_manager(workdir), fresh)
-    if state is None:
-        raise ValueError(f"workdir={workdir!r} has no checkpoint")
-    model = nnx.merge(graphdef, state.params, state.model_state, constants)
-    batch = dataset.train_batch(_PROBE_STEP, images, sharding=steps.batch_sharded(mesh))
-    scale = affine_scale(np.asarray(model.transformer.theta(batch["image"])))
-    return {"step": int(steps.to_host(state.step)), "mean": float(scale.mean()),
+    run = loop.load_run(workdir)
+    batch = run.dataset.train_batch(_PROBE_STEP, images)
+    theta = run.model.transformer.theta(jax.numpy.asarray(batch["image"]))
+    scale = affine_scale(np.asarray(theta))
+    return {"step": run.step, "mean": float(scale.mean()),
             "std": float(scale.std()), "min": float(scale.min()), "max": float(scale.max())}
 
 

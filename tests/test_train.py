@@ -29,12 +29,15 @@ from stn_jax.data import pipeline
 from stn_jax.train import (
     NonFiniteLossError,
     learning_rate_schedule,
+    load_run,
     make_optimizer,
     train_and_evaluate,
     transformer_labels,
 )
 from stn_jax.train import metrics as metrics_lib
 from stn_jax.train import pictures
+
+import file_modules
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -204,7 +207,7 @@ def test_short_training_learns(tmp_path, model):
     assert on_disk["config"]["model"]["name"] == model
 
 
-def test_one_step_writes_checkpoint_metrics_picture_and_logs(tmp_path):
+def test_one_step_writes_checkpoint_metrics_picture_and_logs_and_loads_back(tmp_path):
     config = small_config(model__name="st_fcn", train__batch_size=8, train__num_steps=1,
                           data__num_test=8, train__eval_batch_size=8)
     result = train_and_evaluate(config, str(tmp_path))
@@ -229,6 +232,26 @@ def test_one_step_writes_checkpoint_metrics_picture_and_logs(tmp_path):
     assert step == 1 and error == pytest.approx(metrics["test_error_pct"], rel=1e-6)
     [(step, png)] = tb["test/pictures"]
     assert step == 1 and Image.open(io.BytesIO(png)).size == picture.size
+
+    # load_run rebuilds the run: the model holds the checkpoint's weights (the fresh model it
+    # starts from is initialised from another key) and reproduces the run's test error.
+    run = load_run(str(tmp_path))
+    assert run.step == 1 and run.config.model.name == "st_fcn"
+    for param in jax.tree.leaves(nnx.state(run.model, nnx.Param)):
+        assert any(s.shape == param.shape and np.array_equal(s, param) for s in leaves)
+    test = run.dataset.test_set
+    predicted = np.argmax(run.model(jnp.asarray(test["image"][:8])), axis=-1)
+    assert 100 * np.mean(predicted != test["label"][:8]) == pytest.approx(
+        metrics["test_error_pct"])
+    zoom = file_modules.load("scripts/transformer_zoom.py").run_zoom(str(tmp_path), images=16)
+    assert zoom["step"] == 1 and 0.5 < zoom["min"] <= zoom["mean"] <= zoom["max"] < 1.5
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    with pytest.raises(ValueError, match="has no config.json"):
+        load_run(str(bare))
+    (bare / "config.json").write_text((tmp_path / "config.json").read_text())
+    with pytest.raises(ValueError, match="no checkpoint that can be restored"):
+        load_run(str(bare))
 
 
 def _kill_at(monkeypatch, step_to_kill: int, signum=signal.SIGTERM):

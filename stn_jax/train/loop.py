@@ -32,7 +32,7 @@ import os
 import signal
 import threading
 import time
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 from absl import logging
 from flax import nnx
@@ -274,6 +274,63 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  final["test_error_pct"], final["wall_time_s"],
                  os.path.join(workdir, "metrics.json"))
     return final
+
+
+class Run(NamedTuple):
+    """A run folder rebuilt by `load_run`."""
+    config: ml_collections.ConfigDict  # The run's config (from config.json).
+    task: tasks.Task  # The experiment family's task object for that config.
+    dataset: tasks.Dataset  # The task's data set, built as the run built it.
+    model: nnx.Module  # In eval mode, with the weights of the newest good checkpoint.
+    step: int  # The step of that checkpoint.
+
+
+def load_run(workdir: str) -> Run:
+    """Rebuilds a run of `train_and_evaluate` from its folder, at its newest checkpoint.
+
+    The task, data set and model are built from `workdir/config.json` as the run built them,
+    and the newest checkpoint that restores and verifies (see `checkpoint.restore_latest`)
+    replaces the model's weights and state. Works on finished and on stopped runs.
+
+    Args:
+        workdir: a run folder (`--workdir` of `experiments.train`, or one trial of a sweep).
+
+    Returns:
+        Run(config, task, dataset, model, step); the model is in eval mode, on the host's
+        default device, ready to call on images shaped like the data set's.
+
+    Raises:
+        ValueError: `workdir` has no config.json, or no checkpoint that can be restored.
+
+    Example:
+        >>> run = load_run("/tmp/run")  # python -m experiments.train ... --workdir=/tmp/run
+        >>> batch = run.dataset.train_batch(0, 16)
+        >>> logits = run.model(batch["image"])  # (16, 10) for MNIST
+    """
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise ValueError(f"workdir={workdir!r} has no config.json: not a run folder")
+    with open(path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    mesh = steps.make_mesh()
+    task = tasks.get_task(config)
+    dataset = task.make_dataset()
+    model = task.create_model(dataset, rngs=nnx.Rngs(0))  # Shapes only: restored below.
+    tx = state_lib.make_optimizer(config.train,
+                                  param_labels=state_lib.transformer_labels(model))
+    model.eval()
+    graphdef, params, model_state, constants = state_lib.split_model(model)
+    like = steps.replicate(state_lib.create_train_state(params, model_state, tx), mesh)
+    manager = checkpoint.make_manager(workdir)
+    try:
+        state = checkpoint.restore_latest(manager, like)
+    finally:
+        checkpoint.close(manager)
+    if state is None:
+        raise ValueError(f"workdir={workdir!r} has no checkpoint that can be restored")
+    host = steps.to_host((state.params, state.model_state))
+    model = nnx.merge(graphdef, *host, constants)
+    return Run(config, task, dataset, model, int(steps.to_host(state.step)))
 
 
 class _Progress:
