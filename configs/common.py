@@ -83,8 +83,10 @@ def mnist_config(distortion: str, arg: str | None = None) -> ml_collections.Conf
     rate divided by 10 at step 1000 instead of every 50k, and SGD with momentum 0.9 instead of
     plain SGD (which does not get far in 1500 steps), with the spatial transformer's learning
     rate 0.1x the rest's (`train.loc_lr_multiplier`): with momentum its full-rate steps flew it
-    off the TC canvas within 500 steps for good (90% test error; 6.2% with 0.1x). Data
-    generation and models are unchanged; the defaults are the paper's.
+    off the TC canvas within 500 steps for good (90% test error; 6.2% with 0.1x). On TC the
+    transformer's output keeps the input's 60x60 (`model.st_downsample=1`; the paper's 30x30
+    halves the digit when, as in 1500 steps, the transformer does not zoom in). Data generation
+    and the other model settings are unchanged; the defaults are the paper's.
     """
     if distortion not in PAPER_SETTINGS:
         raise ValueError(f"distortion must be one of {tuple(PAPER_SETTINGS)}, got {distortion!r}")
@@ -113,6 +115,11 @@ def mnist_config(distortion: str, arg: str | None = None) -> ml_collections.Conf
     model.name = args["model"]  # fcn | cnn | st_fcn | st_cnn.
     model.transform = args["transform"]  # affine | projective | tps (st_* only).
     model.st_downsample = 2 if distortion in ("RTS", "TC") else 1  # ST output side / input's [S].
+    if runlocal and distortion == "TC":
+        # [open] In 1500 steps the transformer centres the digit but does not zoom in, so a
+        # 30x30 output halves the digit. Validation error at 1: 4.9%, at 2: 7.7%, the CNN's:
+        # 6.7% (docs/results/tc_study.md).
+        model.st_downsample = 1  # TC runlocal: the ST output is the 60x60 input's size.
     model.reference_width = 128  # FCN hidden width whose parameter count all models match [?].
 
     config.train = train = ml_collections.ConfigDict()
