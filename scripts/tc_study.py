@@ -16,7 +16,8 @@ training loop or the configs. What it adds over `experiments.train`:
   between the window's centre and the digit's 28x28 frame centre (TC only), and the share of
   the digit's ink inside the window (TC only).
 
-Example (the runlocal TC recipe, validation, 300 steps):
+Example (the runlocal TC recipe, validation, 300 steps; `--st_downsample=2` for the study's
+old recipe):
 
   .venv/bin/python scripts/tc_study.py --distortion=TC --model=st_cnn --eval=val \
       --steps=300 --out=/tmp/tc/st_val
@@ -65,7 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr_decay_every", type=int, default=1000)
     p.add_argument("--lr_decay_factor", type=float, default=0.1)
     p.add_argument("--loc_lr_multiplier", type=float, default=0.1)
-    p.add_argument("--st_downsample", type=int, default=2)
+    p.add_argument("--st_downsample", type=int, default=None,
+                   help="the ST output's side / the input's; default: the runlocal config's "
+                        "(1 on TC, 2 on RTS); the study's old TC recipe is 2")
     p.add_argument("--clutter_count", type=int, default=6)
     p.add_argument("--clutter_size", type=int, default=6)
     p.add_argument("--clutter_combine", choices=("add", "max"), default="add")
@@ -192,6 +195,8 @@ def main(argv=None) -> dict:
         digit_offset = ev_params["digit_offset_px"][stats_idx]
         digit_layer = digit_layer[stats_idx]
 
+    if args.st_downsample is None:
+        args.st_downsample = 1 if args.distortion == "TC" else 2
     root = jax.random.key(args.seed)
     init_key, distort_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
     model = models.create_model(args.model, transform="affine", input_shape=(canvas, canvas, 1),
