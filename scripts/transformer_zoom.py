@@ -15,14 +15,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from stn_jax.train import loop  # noqa: E402
@@ -44,16 +41,13 @@ def affine_scale(theta: np.ndarray) -> np.ndarray:
 
 def run_zoom(workdir: str, *, images: int) -> dict:
     """Restores the newest checkpoint of `workdir` and returns its step and scale statistics."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise ValueError(f"workdir={workdir!r} has no config.json: not a run folder")
-    config = ml_collections.ConfigDict(json.load(open(path)))
+    config = loop.read_config(workdir)
     if config.task != "mnist" or not config.model.name.startswith("st_") or (
             config.model.transform != "affine"):
         raise ValueError(f"workdir={workdir!r}: not an MNIST ST run with an affine transformer")
     run = loop.load_run(workdir)
     batch = run.dataset.train_batch(_PROBE_STEP, images)
-    theta = run.model.transformer.theta(jax.numpy.asarray(batch["image"]))
+    theta = run.model.transformer.theta(batch["image"])
     scale = affine_scale(np.asarray(theta))
     return {"step": run.step, "mean": float(scale.mean()),
             "std": float(scale.std()), "min": float(scale.min()), "max": float(scale.max())}

@@ -9,8 +9,8 @@ lowered (`jax.lax.platform_dependent`): accelerators get XLA's own operation.
   one matrix product with the reshaped kernel, the forward is a matmul and the kernel gradient
   one more; the input gradient is the patches' shifted adds, or, for wide convolutions (from
   `XLA_INPUT_GRAD_MIN_CHANNELS` input channels and `XLA_INPUT_GRAD_MIN_PIXELS` output pixels),
-  XLA's transposed convolution (`_patches_conv_xla_input_grad`). A kernel that covers its whole input (the CNN's second conv, 7x7
-  on 7x7) is a dense layer and is computed as one.
+  XLA's transposed convolution (`_patches_conv_xla_input_grad`). A kernel that covers its
+  whole input (the CNN's second conv, 7x7 on 7x7) is a dense layer and is computed as one.
 * 2x2 max-pooling. `nnx.max_pool` is a reduce_window whose gradient is a select_and_scatter,
   slow on the CPU; there the pool is the elementwise maximum of the four strided sub-grids,
   with a forward-mode rule (a select of each window's first maximum) whose transpose is the

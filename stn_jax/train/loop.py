@@ -123,10 +123,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     dataset = task.make_dataset()
     init_key, train_key = jax.random.split(jax.random.key(config.seed))
-    model = task.create_model(dataset, rngs=nnx.Rngs(init_key))
+    model, tx, state = _model_and_state(config, task, dataset, mesh, key=init_key)
     num_params = count_params(model)
-    tx = state_lib.make_optimizer(config.train,
-                                  param_labels=state_lib.transformer_labels(model))
     schedule = state_lib.learning_rate_schedule(config.train)
     model.train()
     graphdef, params, model_state, constants = state_lib.split_model(model)
@@ -134,7 +132,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     eval_graphdef = state_lib.split_model(model)[0]
     del model  # From here on the model is the state's arrays and the two graphdefs.
 
-    state = steps.replicate(state_lib.create_train_state(params, model_state, tx), mesh)
     manager = checkpoint.make_manager(workdir)
     restored = checkpoint.restore_latest(manager, state)
     if restored is not None:
@@ -276,6 +273,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return final
 
 
+def _model_and_state(config: ml_collections.ConfigDict, task: tasks.Task,
+                     dataset: tasks.Dataset, mesh: jax.sharding.Mesh, *, key: jax.Array):
+    """(model, optimiser, train state): the task's model initialised from `key`, its optimiser
+    (the transformer's parameters labelled for their own rate) and the fresh TrainState of
+    both, replicated over `mesh`; what a run starts from and what a checkpoint restores into."""
+    model = task.create_model(dataset, rngs=nnx.Rngs(key))
+    tx = state_lib.make_optimizer(config.train,
+                                  param_labels=state_lib.transformer_labels(model))
+    _, params, model_state, _ = state_lib.split_model(model)
+    state = steps.replicate(state_lib.create_train_state(params, model_state, tx), mesh)
+    return model, tx, state
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run wrote to `workdir/config.json`.
+
+    Raises:
+        ValueError: `workdir` has no config.json (it is not a run folder).
+    """
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise ValueError(f"workdir={workdir!r} has no config.json: not a run folder")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
 class Run(NamedTuple):
     """A run folder rebuilt by `load_run`."""
     config: ml_collections.ConfigDict  # The run's config (from config.json).
@@ -307,20 +330,14 @@ def load_run(workdir: str) -> Run:
         >>> batch = run.dataset.train_batch(0, 16)
         >>> logits = run.model(batch["image"])  # (16, 10) for MNIST
     """
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise ValueError(f"workdir={workdir!r} has no config.json: not a run folder")
-    with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    config = read_config(workdir)
     mesh = steps.make_mesh()
     task = tasks.get_task(config)
     dataset = task.make_dataset()
-    model = task.create_model(dataset, rngs=nnx.Rngs(0))  # Shapes only: restored below.
-    tx = state_lib.make_optimizer(config.train,
-                                  param_labels=state_lib.transformer_labels(model))
+    # The key only shapes the target: every array is replaced by the checkpoint's.
+    model, _, like = _model_and_state(config, task, dataset, mesh, key=jax.random.key(0))
     model.eval()
-    graphdef, params, model_state, constants = state_lib.split_model(model)
-    like = steps.replicate(state_lib.create_train_state(params, model_state, tx), mesh)
+    graphdef, _, _, constants = state_lib.split_model(model)
     manager = checkpoint.make_manager(workdir)
     try:
         state = checkpoint.restore_latest(manager, like)
