@@ -1,7 +1,10 @@
 """The core is importable with jax and numpy alone; the public names are there."""
 
+import os
 import subprocess
 import sys
+
+import pytest
 
 import stn_jax
 
@@ -20,3 +23,19 @@ def test_public_names():
     for name in stn_jax.__all__:
         assert getattr(stn_jax, name) is not None
     assert stn_jax.SpatialTransformer.__module__ == "stn_jax.transformer"
+
+
+def test_unmarked_tests_compile_cheaply():
+    # tests/conftest.py: XLA's cheapest compiles for the suite, unless the user asked otherwise.
+    import jax
+
+    if os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"].strip().lower() in ("0", "false", "no", "off"):
+        pytest.skip("JAX_DISABLE_MOST_OPTIMIZATIONS=0: the user asked for full compiles")
+    assert jax.config.read("jax_disable_most_optimizations") is True
+
+
+@pytest.mark.full_xla
+def test_full_xla_tests_compile_as_users_runs_do():
+    import jax
+
+    assert jax.config.read("jax_disable_most_optimizations") is False

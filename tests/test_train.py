@@ -190,6 +190,7 @@ def test_check_finite_names_the_step():
 # ------------------------------------------------------------------------ training runs
 
 
+@pytest.mark.full_xla  # 120 steps: run time outweighs compile time (tests/conftest.py).
 @pytest.mark.parametrize("model", ["cnn", "st_cnn"])
 def test_short_training_learns(tmp_path, model):
     config = small_config(

@@ -73,6 +73,7 @@ def test_picture_draws_every_transformer():
     assert svhn_task.number_text(np.full(5, 10)) == "-"
 
 
+@pytest.mark.full_xla  # 200 steps: run time outweighs compile time (tests/conftest.py).
 def test_short_training_of_st_multi_learns(tmp_path):
     # ST-CNN Multi (four transformers) through train_and_evaluate on one-digit mnist_sequences
     # numbers: chance is 90% sequence error (the digit; the four blanks are learnt in tens of
