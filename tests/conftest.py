@@ -8,8 +8,9 @@ Elsewhere (a machine without a C++ compiler) the native tests skip with that err
 Compile effort: the tests compile hundreds of small programs and run most of them a few times,
 so XLA's compile time dominates the suite. Every test therefore compiles with
 `jax_disable_most_optimizations` (XLA's backend at -O0, no expensive LLVM passes), which took
-the models' tests from 130 to 72 s. Tests marked `full_xla` (trainings of a hundred steps or
-more, where run time dominates) compile as users' runs do. Subprocesses the tests start inherit
+the model tests (tests/test_models_{svhn,cub,mnist}.py, -n 2) from 120 to 73 s. Tests marked
+`full_xla` (trainings of a hundred steps or more, where run time dominates) compile as users'
+runs do. Subprocesses the tests start inherit
 the setting through the environment. `JAX_DISABLE_MOST_OPTIMIZATIONS=0 pytest ...` compiles
 everything fully.
 """
@@ -27,6 +28,12 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "full_xla: compile with XLA's full optimisations (a training that runs long "
         "enough for run time to outweigh compile time); see tests/conftest.py")
+
+
+@pytest.fixture
+def fast_compile() -> bool:
+    """Whether unmarked tests compile with XLA's cheapest settings in this run."""
+    return FAST_COMPILE
 
 
 @pytest.fixture(autouse=True)

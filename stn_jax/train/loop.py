@@ -127,9 +127,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     num_params = count_params(model)
     schedule = state_lib.learning_rate_schedule(config.train)
     model.train()
-    graphdef, params, model_state, constants = state_lib.split_model(model)
+    graphdef, _, _, constants = state_lib.split_model(model)
     model.eval()
     eval_graphdef = state_lib.split_model(model)[0]
+    description = task.describe(dataset, model)
     del model  # From here on the model is the state's arrays and the two graphdefs.
 
     manager = checkpoint.make_manager(workdir)
@@ -138,8 +139,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state = restored
     first_step = int(steps.to_host(state.step))
     logging.info("%s; %d device(s) in %d process(es); %s at step %d",
-                 task.describe(dataset, nnx.merge(eval_graphdef, params, model_state,
-                                                  constants)),
+                 description,
                  mesh.devices.size, jax.process_count(),
                  "resuming" if restored is not None else "starting", first_step)
 
